@@ -13,6 +13,8 @@ METHODS = ("ours", "sgd", "flt")
 ACTIVATIONS = ("relu", "linear")
 INIT_MODES = ("default", "uniform_singular_values")
 DEVICES = ("cpu", "cuda", "auto")
+# Settings that the hash compares as floats, so that 3 and 3.0 give one run id.
+FLOAT_SETTINGS = ("std", "lr", "weight_decay", "pretrained_lr", "pretrained_level")
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,8 @@ class RunConfig:
         """
         settings = self.to_dict()
         settings.pop("device")
+        for name in FLOAT_SETTINGS:
+            settings[name] = float(settings[name])
         canonical = json.dumps(settings, sort_keys=True, default=float)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
