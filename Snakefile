@@ -1,0 +1,23 @@
+# Reproduction of the synthetic experiments of Zeng & Lee, "The Expressive Power
+# of Low-Rank Adaptation" (ICLR 2024): grid -> training batches -> tables -> figures.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True
+
+
+include: "rules/grid.smk"
+include: "rules/train.smk"
+include: "rules/aggregate.smk"
+include: "rules/figures.smk"

@@ -1,0 +1,84 @@
+# Configuration checks, the expanded grid and the input functions of the other rules.
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+ROOT = Path(workflow.basedir)
+sys.path.insert(0, str(ROOT / "src"))
+
+from lora_expressivity.config import ConfigError
+from lora_expressivity.figures import FIGURES, matches
+from lora_expressivity.grid import DEFAULT_BATCH_OVER, expand_grid, make_batches
+
+validate(config, schema="../config/schema.yaml")
+
+try:
+    RUNS = expand_grid(config)
+except ConfigError as error:
+    raise WorkflowError(f"Invalid grid in the configuration: {error}") from None
+
+BATCHING = config.get("batching", {})
+BATCHES = make_batches(
+    RUNS,
+    batch_over=tuple(BATCHING.get("batch_over", DEFAULT_BATCH_OVER)),
+    max_members=BATCHING.get("max_members", 256),
+)
+CONFIG_FILES = ",".join(str(path) for path in workflow.configfiles) or "config/config.yaml"
+GRID_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+TRAIN = {"device": "auto", "threads": 1, "gpu": 0, "mem_mb": 2000, "runtime": 120, **config.get("train", {})}
+SELECTED_FIGURES = config.get("figures", [*FIGURES, "rank_steps"])
+
+
+def package_sources(*modules):
+    """Package modules a rule depends on, so that editing one reruns that rule."""
+    return [str(ROOT / "src" / "lora_expressivity" / f"{module}.py") for module in modules]
+
+
+TRAINING_CODE = package_sources(
+    "config", "models", "construction", "training", "experiment", "engine", "devices", "results"
+)
+TABLE_CODE = package_sources("aggregate", "figures")
+PLOT_CODE = [*package_sources("figures"), str(ROOT / "scripts" / "plot_figure.py")]
+
+
+def runs_of_figure(figure):
+    spec = FIGURES[figure]
+    return [run.path for run in RUNS if matches(run.config.to_dict(), spec)]
+
+
+def runs_of_rank_steps():
+    from lora_expressivity.figures import RANK_STEP_FILTERS
+
+    return [
+        run.path
+        for run in RUNS
+        if run.config.ranks is None
+        and all(run.config.to_dict().get(key) == value for key, value in RANK_STEP_FILTERS.items())
+    ]
+
+
+for _figure in SELECTED_FIGURES:
+    _inputs = runs_of_rank_steps() if _figure == "rank_steps" else runs_of_figure(_figure)
+    if not _inputs:
+        raise WorkflowError(
+            f"Figure {_figure!r} is listed under 'figures' but no run of the grid feeds it; "
+            f"remove it from 'figures' or add the experiments it plots"
+        )
+
+
+def figure_table_inputs(wildcards):
+    return runs_of_figure(wildcards.figure)
+
+
+def final_outputs():
+    outputs = ["results/configs/runs.tsv", "results/tables/runs.csv"]
+    for figure in SELECTED_FIGURES:
+        if figure == "rank_steps":
+            outputs += ["results/tables/rank_steps.csv", "results/tables/rank_steps.md"]
+        else:
+            outputs += [f"figures/{figure}.pdf", f"figures/{figure}.png", f"results/tables/{figure}.csv"]
+    return outputs
