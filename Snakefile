@@ -5,7 +5,12 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "config/config.yaml"
+# A grid given with --configfile replaces the default one instead of being merged
+# into it, because merged experiment lists would mix two grids.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
 
 
 include: "rules/common.smk"

@@ -74,6 +74,12 @@ def figure_table_inputs(wildcards):
     return runs_of_figure(wildcards.figure)
 
 
+def figure_runs_hash(wildcards):
+    """Hash of the runs a figure draws, so that its metadata changes only when they do."""
+    run_ids = sorted(Path(path).stem for path in runs_of_figure(wildcards.figure))
+    return hashlib.sha256(json.dumps(run_ids).encode()).hexdigest()[:12]
+
+
 def final_outputs():
     outputs = ["results/configs/runs.tsv", "results/tables/runs.csv"]
     for figure in SELECTED_FIGURES:

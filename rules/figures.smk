@@ -15,7 +15,7 @@ rule figure:
         png="figures/{figure}.png",
     params:
         config_files=CONFIG_FILES,
-        grid_hash=GRID_HASH,
+        runs_hash=figure_runs_hash,
     wildcard_constraints:
         figure="|".join(FIGURES),
     log:

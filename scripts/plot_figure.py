@@ -15,6 +15,6 @@ try:
     selected = pd.read_csv(snakemake.input.selected)  # noqa: F821
 except pd.errors.EmptyDataError:
     selected = pd.DataFrame()
-metadata = figure_metadata(snakemake.params.config_files, snakemake.params.grid_hash)  # noqa: F821
+metadata = figure_metadata(snakemake.params.config_files, snakemake.params.runs_hash)  # noqa: F821
 plot_figure(selected, figure, snakemake.output.pdf, snakemake.output.png, metadata)  # noqa: F821
 log.info("drew %s from %d selected runs", figure.name, len(selected))

@@ -76,7 +76,8 @@ def construct_fnn(model, target, config, report: list):
     enough to keep all ReLUs active on a batch z, so the group acts linearly; the
     last layer's bias then cancels what the earlier biases added.
     """
-    z = torch.randn(config.batch_size, config.width) if config.use_bias else None
+    dtype = model.layers[0].weight.dtype
+    z = torch.randn(config.batch_size, config.width).to(dtype) if config.use_bias else None
     groups = layer_groups(config.target_depth, config.frozen_depth)
     for index, (first, stop) in enumerate(groups):
         frozen_weights = [model.layers[layer].weight for layer in range(first, stop)]
@@ -90,15 +91,15 @@ def construct_fnn(model, target, config, report: list):
 def _set_group_biases(model, target_bias, first: int, stop: int, z: torch.Tensor) -> torch.Tensor:
     width = z.shape[1]
     # after[l] is the product of the adapted weights that follow layer l in the group.
-    after = {stop - 1: torch.eye(width)}
+    after = {stop - 1: torch.eye(width, dtype=z.dtype)}
     for layer in range(stop - 1, first, -1):
         after[layer - 1] = after[layer] @ model.adapted_weight(layer)
 
-    correction = torch.zeros(width)
+    correction = torch.zeros(width, dtype=z.dtype)
     for layer in range(first, stop):
         z = z @ model.adapted_weight(layer).T
         if layer < stop - 1:
-            bias = -2 * torch.clamp(z.min(), max=0) * torch.ones(width)
+            bias = -2 * torch.clamp(z.min(), max=0) * torch.ones(width, dtype=z.dtype)
             z = z + bias
             correction = correction + after[layer] @ bias
         else:

@@ -128,6 +128,13 @@ def matches(config: dict, figure: Figure) -> bool:
     return any(all(values.get(key) == value for key, value in curve.filters.items()) for curve in figure.curves)
 
 
+def feeds(name: str, config: dict) -> bool:
+    """Whether a run's configuration is an input of the named figure or, for "rank_steps", of the rank-step table."""
+    if name == "rank_steps":
+        return config.get("ranks") is None and all(config.get(key) == value for key, value in RANK_STEP_FILTERS.items())
+    return matches(config, FIGURES[name])
+
+
 def tunable_parameters(row, count_biases: bool = False) -> int:
     """Tunable parameters: LoRA 2*R*D*L (+ D*L tuned biases if counted); final layers last_layers*D^2."""
     width, depth = row["width"], row["frozen_depth"]
