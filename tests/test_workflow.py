@@ -62,7 +62,8 @@ def test_new_rank_reruns_only_its_batches(rerun_workflow):
     # The linear experiment has one ours batch and one sgd batch; the relu batches are untouched.
     assert len(training) == 2
     assert all(rule.startswith(("train_fnn_ours", "train_fnn_sgd")) for rule in training)
-    assert jobs.get("figure_table") == 1 and jobs.get("figure") == 1
+    assert jobs.get("figure_table") == 1
+    assert jobs.get("figure") == 1
     assert "rank_step_table" not in jobs
 
 
