@@ -34,6 +34,7 @@ import getpass
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -54,7 +55,7 @@ GPU_CONFIG = PROFILE / "gpu.yaml"
 GRID = Path(__file__).resolve().with_name("grid.yaml")
 
 PACKAGES = ("slurm-wlm", "munge")
-PROGRAMS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
+PROGRAMS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 # profiles/slurm submits to the partition `gpu`, so the test cluster has one of that name.
 PARTITION = "gpu"
 NODE = "localhost"
@@ -74,7 +75,7 @@ log = logging.getLogger("slurm_test")
 
 
 class SlurmUnavailable(Exception):
-    """SLURM cannot run on this machine: not root, or its packages cannot be installed."""
+    """Reason why SLURM cannot run on this machine: the process is not root, or the packages cannot be installed."""
 
 
 def search_path() -> str:
@@ -97,19 +98,21 @@ def require_slurm():
     found, or when the installation fails.
     """
     if os.geteuid() != 0:
-        raise SlurmUnavailable("the SLURM test must run as root, because slurmd starts jobs as root")
+        raise SlurmUnavailable("the SLURM test must run as root, because slurmd starts jobs as root; run it with sudo")
     missing = missing_programs()
     if not missing:
         return
     if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"{', '.join(missing)} not found, and apt-get is not available to install {PACKAGES}")
+        raise SlurmUnavailable(
+            f"{', '.join(missing)} not found, and apt-get is not available to install {' '.join(PACKAGES)}"
+        )
 
     log.info("installing %s because %s are missing", " ".join(PACKAGES), ", ".join(missing))
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": search_path()}
     install = ["apt-get", "install", "-y", "-q", *PACKAGES]
     completed = subprocess.run(install, env=environment, capture_output=True, text=True)
     if completed.returncode != 0:
-        log.info("apt-get install failed; updating the package lists and retrying")
+        log.info("apt-get install failed, retrying after apt-get update")
         subprocess.run(["apt-get", "update", "-q"], env=environment, capture_output=True, text=True)
         completed = subprocess.run(install, env=environment, capture_output=True, text=True)
     if completed.returncode != 0:
@@ -123,7 +126,10 @@ def require_slurm():
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports that nothing listens on now; the daemons bind them a moment later."""
+    """Return ports that nothing listens on now.
+
+    The daemons bind them a moment later, so another process could take one in between.
+    """
     sockets = []
     try:
         for _ in range(count):
@@ -162,6 +168,7 @@ class LocalSlurmCluster:
         self.run_dir = self.base / "run"
         self.key_dir = self.base / "munge-key"
         self.log_dir = self.base / "log"
+        self.bin_dir = self.base / "bin"
         self.slurm_conf = self.etc / "slurm.conf"
         self.munge_socket = self.run_dir / "munge.socket"
         self.daemons: list[tuple[str, subprocess.Popen]] = []
@@ -178,8 +185,9 @@ class LocalSlurmCluster:
         self.stop()
 
     def environment(self) -> dict:
-        """Environment for SLURM clients and Snakemake: SLURM_CONF points at this cluster."""
-        return {**os.environ, "SLURM_CONF": str(self.slurm_conf), "PATH": search_path()}
+        """Return the environment for SLURM clients and Snakemake, with SLURM_CONF set to this cluster's file."""
+        path = os.pathsep.join((str(self.bin_dir), search_path()))
+        return {**os.environ, "SLURM_CONF": str(self.slurm_conf), "PATH": path}
 
     def command(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster."""
@@ -196,7 +204,7 @@ class LocalSlurmCluster:
             f"--seed-file={self.run_dir / 'munged.seed'}",
         ])
         self.wait_until("munged", self.munge_works)
-        # -i: start from an empty state; -D: stay in the foreground, as a child of this process.
+        # -i starts from an empty state, and -D keeps the daemon in the foreground as a child of this process.
         self.spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.slurm_conf)])
         self.wait_until("slurmctld", self.controller_is_up)
         self.spawn("slurmd", ["slurmd", "-D", "-N", NODE, "-f", str(self.slurm_conf)])
@@ -270,6 +278,23 @@ class LocalSlurmCluster:
                      f"Gres=gpu:{NODE_GPUS} State=UNKNOWN")
         lines.append(f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP")
         self.slurm_conf.write_text("\n".join(lines) + "\n")
+        self.write_srun_wrapper()
+
+    def write_srun_wrapper(self):
+        """Put an srun first on PATH that reads this cluster's slurm.conf.
+
+        Inside a job, snakemake-executor-plugin-slurm-jobstep (0.6.1) starts the
+        rule through srun with every SLURM_* variable removed, SLURM_CONF
+        included, so srun would look for /etc/slurm/slurm.conf. A real cluster
+        has its configuration there; this test leaves /etc alone.
+        """
+        srun = shutil.which("srun", path=search_path())
+        if srun is None:
+            raise RuntimeError("srun not found; install the slurm-client package")
+        self.bin_dir.mkdir(exist_ok=True)
+        wrapper = self.bin_dir / "srun"
+        wrapper.write_text(f'#!/bin/sh\nSLURM_CONF={shlex.quote(str(self.slurm_conf))} exec {shlex.quote(srun)} "$@"\n')
+        wrapper.chmod(0o755)
 
     def spawn(self, name: str, argv: list[str]):
         output = open(self.log_dir / f"{name}.out", "w")
@@ -350,7 +375,7 @@ class LocalSlurmCluster:
 
 @dataclass
 class SlurmJob:
-    """What squeue and scontrol reported about one SLURM job of the workflow."""
+    """State, GPU request and GPU allocation of one SLURM job, as scontrol reported them."""
 
     job_id: str
     comment: str = ""
@@ -362,7 +387,7 @@ class SlurmJob:
 
     @property
     def rule(self) -> str | None:
-        """The Snakemake rule, from the comment the plugin gives each job (rule_<name>[_wildcards_...])."""
+        """Return the rule name from the comment that the plugin gives each job (rule_<name>[_wildcards_...])."""
         if not self.comment.startswith("rule_"):
             return None
         return self.comment[len("rule_"):].split("_wildcards_", 1)[0]
@@ -395,7 +420,7 @@ def gpu_count(text: str) -> int:
 
 
 class JobMonitor(threading.Thread):
-    """Polls scontrol while the workflow runs and keeps what it saw of every job."""
+    """Thread that polls scontrol while the workflow runs and records every job it reports."""
 
     def __init__(self, cluster: LocalSlurmCluster):
         super().__init__(name="slurm-job-monitor", daemon=True)
@@ -479,6 +504,18 @@ def planned_jobs(cluster: LocalSlurmCluster, workdir: Path) -> dict[str, int]:
     return counts
 
 
+def stop_session(process: subprocess.Popen):
+    """Stop a process that leads its own session, and everything in that session, by its PID."""
+    log.info("stopping Snakemake (PID %d) and its local jobs", process.pid)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=DAEMON_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("Snakemake (PID %d) ignored SIGTERM for %d s; sending SIGKILL", process.pid, DAEMON_STOP_TIMEOUT_S)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def run_workflow(cluster: LocalSlurmCluster, workdir: Path) -> WorkflowRun:
     """Run the test grid through profiles/slurm, recording every SLURM job while it runs."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -496,15 +533,12 @@ def run_workflow(cluster: LocalSlurmCluster, workdir: Path) -> WorkflowRun:
         try:
             returncode = process.wait(timeout=WORKFLOW_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            log.error("Snakemake (PID %d) did not finish within %d s; stopping it", process.pid, WORKFLOW_TIMEOUT_S)
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=DAEMON_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            returncode = -signal.SIGTERM
+            log.error("Snakemake (PID %d) timed out after %d s", process.pid, WORKFLOW_TIMEOUT_S)
         finally:
+            # Also reached on an interrupt, which the session of its own does not pass on.
+            if process.poll() is None:
+                stop_session(process)
+            returncode = process.returncode
             duration_s = time.monotonic() - started
             monitor.stop()
     log.info("Snakemake exited with status %d after %.0f s; its output is in %s", returncode, duration_s, output_path)
@@ -514,7 +548,7 @@ def run_workflow(cluster: LocalSlurmCluster, workdir: Path) -> WorkflowRun:
                        sorted(monitor.jobs.values(), key=lambda job: int(job.job_id)))
 
 
-# Each check returns a list of problems; an empty list means it passed.
+# Each check returns a list of problems, which is empty when the check passes.
 
 
 def check_workflow_succeeded(run: WorkflowRun) -> list[str]:
