@@ -5,6 +5,9 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
+report: "report/workflow.rst"
+
+
 # A grid given with --configfile replaces the default one instead of being merged
 # into it, because merged experiment lists would mix two grids.
 if not workflow.overwrite_configfiles:

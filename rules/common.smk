@@ -5,21 +5,19 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "src"))
 
 from lora_expressivity.config import ConfigError
-from lora_expressivity.figures import FIGURES, matches
-from lora_expressivity.grid import DEFAULT_BATCH_OVER, expand_grid, make_batches
-
-validate(config, schema="../config/schema.yaml")
+from lora_expressivity.figures import FIGURES, feeds, matches
+from lora_expressivity.grid import DEFAULT_BATCH_OVER, make_batches
+from lora_expressivity.workflow import check_config, grid_hash
 
 try:
-    RUNS = expand_grid(config)
+    RUNS = check_config(config, ROOT / "config" / "schema.yaml")
 except ConfigError as error:
-    raise WorkflowError(f"Invalid grid in the configuration: {error}") from None
+    raise WorkflowError(f"Invalid configuration: {error}") from None
 
 BATCHING = config.get("batching", {})
 BATCHES = make_batches(
@@ -28,7 +26,7 @@ BATCHES = make_batches(
     max_members=BATCHING.get("max_members", 256),
 )
 CONFIG_FILES = ",".join(str(path) for path in workflow.configfiles) or "config/config.yaml"
-GRID_HASH = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+GRID_HASH = grid_hash(config)
 TRAIN = {"device": "auto", "threads": 1, "gpu": 0, "mem_mb": 2000, "runtime": 120, **config.get("train", {})}
 SELECTED_FIGURES = config.get("figures", [*FIGURES, "rank_steps"])
 
@@ -51,23 +49,7 @@ def runs_of_figure(figure):
 
 
 def runs_of_rank_steps():
-    from lora_expressivity.figures import RANK_STEP_FILTERS
-
-    return [
-        run.path
-        for run in RUNS
-        if run.config.ranks is None
-        and all(run.config.to_dict().get(key) == value for key, value in RANK_STEP_FILTERS.items())
-    ]
-
-
-for _figure in SELECTED_FIGURES:
-    _inputs = runs_of_rank_steps() if _figure == "rank_steps" else runs_of_figure(_figure)
-    if not _inputs:
-        raise WorkflowError(
-            f"Figure {_figure!r} is listed under 'figures' but no run of the grid feeds it; "
-            f"remove it from 'figures' or add the experiments it plots"
-        )
+    return [run.path for run in RUNS if feeds("rank_steps", run.config.to_dict())]
 
 
 def figure_table_inputs(wildcards):

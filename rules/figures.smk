@@ -1,4 +1,5 @@
-# Figures: a PDF and a PNG per figure, drawn from its table of selected runs.
+# Figures: a PDF and a PNG per figure, drawn from its table of selected runs. The
+# report shows the PNG, which every browser displays inline; the PDF is for print.
 
 
 rule figure:
@@ -6,14 +7,15 @@ rule figure:
         selected="results/tables/{figure}_runs.csv",
         code=PLOT_CODE,
     output:
-        pdf=report(
-            "figures/{figure}.pdf",
+        pdf="figures/{figure}.pdf",
+        png=report(
+            "figures/{figure}.png",
             caption="../report/figure.rst",
             category="Figures",
             labels={"figure": "{figure}"},
         ),
-        png="figures/{figure}.png",
     params:
+        claim=lambda wildcards: FIGURES[wildcards.figure].caption,
         config_files=CONFIG_FILES,
         runs_hash=figure_runs_hash,
     wildcard_constraints:

@@ -3,9 +3,18 @@
 
 rule runs_table_of_grid:
     output:
-        "results/configs/runs.tsv",
+        table=report(
+            "results/configs/runs.tsv",
+            caption="../report/grid.rst",
+            category="Tables",
+            subcategory="Runs",
+            labels={"table": "grid"},
+        ),
+        table_meta="results/configs/runs.tsv.meta.json",
     params:
         run_ids=[run.run_id for run in RUNS],
+        config_files=CONFIG_FILES,
+        grid_hash=GRID_HASH,
     log:
         "logs/grid/runs_table.log",
     threads: 1

@@ -15,6 +15,9 @@ INIT_MODES = ("default", "uniform_singular_values")
 DEVICES = ("cpu", "cuda", "auto")
 # Settings that the hash compares as floats, so that 3 and 3.0 give one run id.
 FLOAT_SETTINGS = ("std", "lr", "weight_decay", "pretrained_lr", "pretrained_level")
+# Adam's first step is lr / (1 - beta1) = 10 * lr with torch's default beta1 of 0.9,
+# and torch (2.13) raises an overflow error when that step exceeds the float32 maximum.
+MAX_LEARNING_RATE = 3.4028234663852886e38 / 10
 
 
 class ConfigError(ValueError):
@@ -127,6 +130,12 @@ class RunConfig:
             value = getattr(self, name)
             if not _is_finite_number(value) or value <= 0:
                 raise ConfigError(f"--{name} must be a positive number, got {value!r}")
+        for name in ("lr", "pretrained_lr"):
+            if getattr(self, name) > MAX_LEARNING_RATE:
+                raise ConfigError(
+                    f"--{name} must be at most {MAX_LEARNING_RATE:.4g}, because Adam's first step of "
+                    f"10 * {name} overflows float32 above it; got {getattr(self, name)!r}"
+                )
         if not _is_finite_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"--weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not _is_finite_number(self.pretrained_level) or self.pretrained_level <= 1:
@@ -156,7 +165,7 @@ class RunConfig:
         if self.frozen_depth < self.target_depth:
             raise ConfigError(
                 f"--frozen_depth ({self.frozen_depth}) must be at least --target_depth "
-                f"({self.target_depth}); the frozen model must be deeper than the target"
+                f"({self.target_depth}); the frozen model must be at least as deep as the target"
             )
         if not 1 <= self.last_layers <= self.frozen_depth:
             raise ConfigError(

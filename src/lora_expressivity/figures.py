@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .aggregate import best_of_sweep, closed_form_loss, summarise
+from .aggregate import best_of_sweep, closed_form_loss, diverged_mask, summarise
 
 BLUE, PINK, GREY = "#118AB2", "#DD3497", "#555555"
 DASHED = {"color": BLUE, "linestyle": "--", "marker": "s"}
@@ -55,35 +55,47 @@ FIGURES = {
         "pretrained", RANDOM_PRETRAINED,
         (Curve("Gradient Update", {"method": "sgd"}, DASHED), Curve("Our Construction", {"method": "ours"}, SOLID)),
         closed_form=True,
-        caption="Linear models: the construction reaches zero error at rank >= width * target_depth / frozen_depth "
-                "and matches the closed-form optimum below it; gradient update stays above.",
+        caption="Linear FNNs without biases, target depth 1 on frozen depth 2. The paper's claim: the construction "
+                "reaches zero error at rank >= width * target_depth / frozen_depth (the vertical line) and matches "
+                "the closed-form optimum (dotted) below it, while the gradient update's error stays at or above "
+                "the construction's and plateaus above the threshold.",
     ),
     "figure2": Figure(
         "figure2", {"exp": "fnn", "activation": "relu", "use_bias": 1, "target_depth": 2, "frozen_depth": 4, **PLAIN},
         "pretrained", RANDOM_PRETRAINED, LORA_VS_OURS,
-        caption="ReLU FNN, target depth 2, frozen depth 4: the construction is exact from rank 8 on.",
+        caption="ReLU FNNs with biases, target depth 2 on frozen depth 4. The paper's claim: the construction is "
+                "exact from rank width * target_depth / frozen_depth = width / 2 on (the vertical line; 8 at width "
+                "16), and the gradient update plateaus above that rank.",
     ),
     "fnn_approx": Figure(
         "fnn_approx", {"exp": "fnn", "activation": "relu", "use_bias": 1, "pretrained": 0, **PLAIN},
         "depths", FNN_DEPTHS, LORA_VS_OURS,
-        caption="ReLU FNNs with random frozen models, two depth pairs.",
+        caption="ReLU FNNs with biases and random frozen models, target depth 1 on frozen depth 2 and 2 on 4. "
+                "The paper's claim: the construction is exact from rank width * target_depth / frozen_depth on "
+                "(the vertical line), and the gradient update plateaus above it.",
     ),
     "fnn_approx_pretrained": Figure(
         "fnn_approx_pretrained", {"exp": "fnn", "activation": "relu", "use_bias": 1, "pretrained": 1, **PLAIN},
         "depths", FNN_DEPTHS, LORA_VS_OURS,
-        caption="ReLU FNNs with pretrained frozen models, two depth pairs.",
+        caption="ReLU FNNs with biases and pretrained frozen models, target depth 1 on frozen depth 2 and 2 on 4. "
+                "The paper's claim: the construction is exact from rank width * target_depth / frozen_depth on "
+                "(the vertical line), and the gradient update plateaus above it.",
     ),
     "tfn_approx": Figure(
         "tfn_approx", {"exp": "tfn", "pretrained": 0}, "target_depth", TFN_DEPTHS,
         (Curve("Gradient Update", {"method": "sgd"}, DASHED), Curve("Our Construction", {"method": "ours"}, SOLID)),
         log_y=True,
-        caption="Transformers with random frozen models: the construction is exact from rank width / 2 on.",
+        caption="Transformers with random frozen models of the target's depth (1 or 2), log scale. The paper's "
+                "claim: the construction is exact from rank width / 2 on (the vertical line), and the gradient "
+                "update plateaus above it.",
     ),
     "tfn_approx_pretrained": Figure(
         "tfn_approx_pretrained", {"exp": "tfn", "pretrained": 1}, "target_depth", TFN_DEPTHS,
         (Curve("Gradient Update", {"method": "sgd"}, DASHED), Curve("Our Construction", {"method": "ours"}, SOLID)),
         log_y=True,
-        caption="Transformers with pretrained frozen models.",
+        caption="Transformers with pretrained frozen models of the target's depth (1 or 2), log scale. The "
+                "paper's claim: the construction is exact from rank width / 2 on (the vertical line), and the "
+                "gradient update plateaus above it.",
     ),
     "flt_approx": Figure(
         "flt_approx", {"exp": "fnn", "activation": "relu", "use_bias": 1, "target_depth": 1, "frozen_depth": 8,
@@ -92,7 +104,9 @@ FIGURES = {
         (Curve("LoRA", {"method": "sgd", "tune_bias": 1, "rank_step": 0, "ranks": None}, DASHED),
          Curve("Tuning Final Layers", {"method": "flt"}, SOLID)),
         x="parameters",
-        caption="Frozen depth 8: LoRA against tuning the final layers, at equal numbers of tunable parameters.",
+        caption="ReLU FNNs, target depth 1 on frozen depth 8: LoRA by gradient update against tuning the final "
+                "layers, at equal numbers of tunable parameters (LoRA 2 * rank * width * frozen_depth, final "
+                "layers last_layers * width^2).",
     ),
     "lora_bitfit_approx": Figure(
         "lora_bitfit_approx", {"exp": "fnn", "activation": "relu", "use_bias": 1, "target_depth": 1,
@@ -100,7 +114,8 @@ FIGURES = {
         "pretrained", RANDOM_PRETRAINED,
         (Curve("Fixed Biases", {"tune_bias": 0}, DASHED), Curve("Updatable Biases", {"tune_bias": 1}, SOLID)),
         x="parameters_with_biases",
-        caption="LoRA with fixed against updatable biases, at equal numbers of tunable parameters.",
+        caption="ReLU FNNs, target depth 1 on frozen depth 2: LoRA by gradient update with fixed against "
+                "updatable biases, at equal numbers of tunable parameters (tuned biases add width * frozen_depth).",
     ),
 }
 
@@ -129,7 +144,10 @@ def matches(config: dict, figure: Figure) -> bool:
 
 
 def feeds(name: str, config: dict) -> bool:
-    """Whether a run's configuration is an input of the named figure or, for "rank_steps", of the rank-step table."""
+    """Return whether a run's configuration is an input of the named figure.
+
+    The name "rank_steps" stands for the rank-step table.
+    """
     if name == "rank_steps":
         return config.get("ranks") is None and all(config.get(key) == value for key, value in RANK_STEP_FILTERS.items())
     return matches(config, FIGURES[name])
@@ -147,7 +165,12 @@ def tunable_parameters(row, count_biases: bool = False) -> int:
 
 
 def figure_runs(records: pd.DataFrame, figure: Figure) -> pd.DataFrame:
-    """Per-seed selected runs of the figure: panel, curve, x and the test loss."""
+    """Return the per-seed runs of the figure, with panel, curve, x and the test loss.
+
+    Each cell keeps the best run of its sweep (aggregate.best_of_sweep). Runs that
+    diverged stay in the table as extra rows with diverged=True, so that the
+    summary can count them. No curve uses them.
+    """
     if records.empty:
         return pd.DataFrame()
     table = records.copy()
@@ -156,12 +179,10 @@ def figure_runs(records: pd.DataFrame, figure: Figure) -> pd.DataFrame:
     parts = []
     for key, value, panel_title in figure.panels:
         for curve in figure.curves:
-            part = select(select(table, {key: value}), curve.filters)
-            part = best_of_sweep(part.drop(columns=["depths"]))
-            if part.empty:
-                continue
-            part = part.assign(panel=panel_title, curve=curve.label)
-            parts.append(part)
+            part = select(select(table, {key: value}), curve.filters).drop(columns=["depths"])
+            for rows in (best_of_sweep(part), part[diverged_mask(part)]):
+                if not rows.empty:
+                    parts.append(rows.assign(panel=panel_title, curve=curve.label))
     if not parts:
         return pd.DataFrame()
     selected = pd.concat(parts, ignore_index=True)
@@ -171,7 +192,7 @@ def figure_runs(records: pd.DataFrame, figure: Figure) -> pd.DataFrame:
         count_biases = figure.x == "parameters_with_biases"
         selected["x"] = selected.apply(tunable_parameters, axis=1, count_biases=count_biases)
     if figure.closed_form:
-        ours = selected[selected["method"] == "ours"]
+        ours = selected[(selected["method"] == "ours") & ~diverged_mask(selected)]
         optimum = ours.assign(
             curve="Closed-form optimum",
             test_loss=[closed_form_loss(row.singular_values, row.rank, row.frozen_depth, row.target_depth, row.width)
@@ -181,10 +202,32 @@ def figure_runs(records: pd.DataFrame, figure: Figure) -> pd.DataFrame:
     return selected
 
 
+SUMMARY_COLUMNS = ["panel", "curve", "x", "median", "q25", "q75", "min", "max", "n_seeds", "n_diverged"]
+
+
 def figure_summary(selected: pd.DataFrame) -> pd.DataFrame:
+    """Median and spread of the test loss over seeds per curve point, with the number of diverged runs.
+
+    A point whose runs all diverged keeps a row with n_seeds 0 and empty statistics.
+    """
     if selected.empty:
-        return pd.DataFrame(columns=["panel", "curve", "x", "median", "q25", "q75", "min", "max", "n_seeds"])
-    return summarise(selected, ["panel", "curve", "x"])
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    return _with_diverged_counts(selected, ["panel", "curve", "x"])[SUMMARY_COLUMNS]
+
+
+def _with_diverged_counts(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Summarise the finite runs of rows by the given keys and add n_diverged per group."""
+    diverged = diverged_mask(rows)
+    finite = rows[~diverged]
+    if finite.empty:
+        summary = pd.DataFrame(columns=[*by, "median", "q25", "q75", "min", "max", "n_seeds"])
+    else:
+        summary = summarise(finite, by)
+    counts = rows[diverged].groupby(by, dropna=False).size().rename("n_diverged").reset_index()
+    merged = summary.merge(counts, on=by, how="outer") if not counts.empty else summary.assign(n_diverged=0)
+    merged["n_seeds"] = merged["n_seeds"].fillna(0).astype(int)
+    merged["n_diverged"] = merged["n_diverged"].fillna(0).astype(int)
+    return merged.sort_values(by).reset_index(drop=True)
 
 
 def rank_threshold(figure: Figure, panel_rows: pd.DataFrame) -> float | None:
@@ -205,6 +248,8 @@ def plot_figure(selected: pd.DataFrame, figure: Figure, pdf_path: str, png_path:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    if not selected.empty:
+        selected = selected[~diverged_mask(selected)]
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.2)
     titles = [title for *_, title in figure.panels]
     fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 3.4), squeeze=False, sharey=False)
@@ -252,15 +297,18 @@ def plot_figure(selected: pd.DataFrame, figure: Figure, pdf_path: str, png_path:
 
 
 def rank_step_table(records: pd.DataFrame) -> pd.DataFrame:
-    """MSE and parameter count per rank_step for target depth 2 on frozen depth 4 (the paper's table)."""
+    """MSE and parameter count per rank_step for target depth 2 on frozen depth 4 (the paper's table).
+
+    The statistics leave out the runs that diverged, and n_diverged counts them.
+    """
     columns = ["pretrained", "rank", "rank_step", "layer_ranks", "parameters", "median", "q25", "q75", "min",
-               "max", "n_seeds"]
+               "max", "n_seeds", "n_diverged"]
     if records.empty:
         return pd.DataFrame(columns=columns)
     table = select(records, RANK_STEP_FILTERS)
     table = table[table["ranks"].isna()] if "ranks" in table else table
-    selected = best_of_sweep(table)
-    if selected.empty:
+    rows = pd.concat([best_of_sweep(table), table[diverged_mask(table)]])
+    if rows.empty:
         return pd.DataFrame(columns=columns)
     from .config import RunConfig
 
@@ -269,11 +317,11 @@ def rank_step_table(records: pd.DataFrame) -> pd.DataFrame:
                            rank_step=int(row["rank_step"]))
         return config.layer_ranks()
 
-    selected = selected.assign(
-        layer_ranks=[str(layer_ranks(row)) for _, row in selected.iterrows()],
-        parameters=[2 * int(row["width"]) * sum(layer_ranks(row)) for _, row in selected.iterrows()],
+    rows = rows.assign(
+        layer_ranks=[str(layer_ranks(row)) for _, row in rows.iterrows()],
+        parameters=[2 * int(row["width"]) * sum(layer_ranks(row)) for _, row in rows.iterrows()],
     )
-    summary = summarise(selected, ["pretrained", "rank", "rank_step", "layer_ranks", "parameters"])
+    summary = _with_diverged_counts(rows, ["pretrained", "rank", "rank_step", "layer_ranks", "parameters"])
     return summary[columns].sort_values(["pretrained", "rank", "rank_step"]).reset_index(drop=True)
 
 

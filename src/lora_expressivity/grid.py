@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 
 from .config import ConfigError, RunConfig
@@ -74,7 +75,7 @@ def expand_grid(grid: dict) -> list[Run]:
                 for key in ("lr", "weight_decay"):
                     if key in sweep and key not in (method_settings or {}):
                         axes[key] = sweep[key]
-            for config in _cross(axes, where=f"experiments.{name}.methods.{method}"):
+            for config in _cross(axes, where=f"experiments.{name} (method {method})"):
                 identifier = run_id(config)
                 previous = runs.get(identifier)
                 names = (previous.experiments if previous else ()) + (name,)
@@ -89,21 +90,21 @@ def _cross(axes: dict, where: str):
         if key in LIST_VALUED:
             # Each value of these settings is itself a list, so the axis is a list of lists.
             if not isinstance(value, list) or not all(isinstance(item, (list, tuple)) for item in value):
-                raise ConfigError(f"{where}.{key} must be a list of lists, e.g. [[1, 2], [2, 4]], got {value!r}")
+                raise ConfigError(f"{where}: {key} must be a list of lists, e.g. [[1, 2], [2, 4]], got {value!r}")
             values.append(value)
         else:
             values.append(value if isinstance(value, list) else [value])
     for key, options in zip(keys, values):
         if not options:
-            raise ConfigError(f"{where}.{key} is an empty list; give at least one value")
+            raise ConfigError(f"{where}: {key} is an empty list; give at least one value")
         if len(set(map(_hashable, options))) != len(options):
-            raise ConfigError(f"{where}.{key} lists a value twice ({options}); remove the duplicate")
+            raise ConfigError(f"{where}: {key} lists a value twice ({options}); remove the duplicate")
     for combination in itertools.product(*values):
         settings = dict(zip(keys, combination))
         if "depths" in settings:
             pair = settings.pop("depths")
             if len(pair) != 2:
-                raise ConfigError(f"{where}.depths must hold [target_depth, frozen_depth] pairs, got {list(pair)}")
+                raise ConfigError(f"{where}: depths must hold [target_depth, frozen_depth] pairs, got {list(pair)}")
             settings["target_depth"], settings["frozen_depth"] = pair
         if settings.get("ranks") is not None:
             settings["ranks"] = tuple(settings["ranks"])
@@ -112,7 +113,11 @@ def _cross(axes: dict, where: str):
         except ConfigError as error:
             shown = {k: v for k, v in settings.items() if k in ("exp", "method", "rank", "target_depth",
                                                                    "frozen_depth", "last_layers", "rank_step")}
-            raise ConfigError(f"{where}: {error} (in the run {shown})") from None
+            # The run checks name settings as command line flags, but the grid sets them as YAML keys.
+            message = re.sub(r"--(\w+)", r"\1", str(error))
+            if "depths" in axes and "_depth" in message:
+                message += "; depths sets [target_depth, frozen_depth]"
+            raise ConfigError(f"{where}: {message} (in the run {shown})") from None
         except TypeError as error:
             raise ConfigError(f"{where}: {error}") from None
 

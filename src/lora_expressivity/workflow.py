@@ -1,4 +1,10 @@
-"""Helpers the Snakemake scripts share: logging to the rule's log file and provenance."""
+"""Helpers of the Snakemake workflow: logging to the rule's log file, configuration checks and provenance.
+
+Every table that the workflow writes (CSV or TSV) has a provenance sidecar
+`<table>.meta.json`. It records the configuration files, the grid hash, the
+package version, git commit and dirty flag of the code that wrote the table, the
+commits of the result records it read and the files it skipped.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import difflib
 import hashlib
 import json
 import logging
+import platform
 import sys
+from datetime import datetime, timezone
 
 import yaml
 
@@ -43,6 +51,68 @@ def figure_metadata(config_name: str, runs_hash: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------- provenance of tables
+
+
+def write_table(path, table, *, description: str, config: dict, config_files: str, records=None,
+                skipped=(), sep: str = ","):
+    """Write a pandas table atomically, and its provenance to the sidecar `<path>.meta.json`.
+
+    config is the workflow's configuration and config_files the comma-separated
+    paths it was read from. records, when given, are the result rows the table
+    was made from, and skipped lists (path, reason) for the files left out.
+    """
+    from .results import atomic_write_text
+
+    provenance = table_provenance(path, table, description=description, config=config,
+                                  config_files=config_files, records=records, skipped=skipped)
+    atomic_write_text(path, table.to_csv(sep=sep, index=False))
+    atomic_write_text(f"{path}.meta.json", json.dumps(provenance, indent=1, default=str) + "\n")
+
+
+def table_provenance(path, table, *, description: str, config: dict, config_files: str, records=None,
+                     skipped=()) -> dict:
+    """Return the sidecar record of a table. write_table documents the arguments."""
+    import pandas as pd
+
+    from . import __version__
+    from .results import git_state
+
+    commit, dirty = git_state()
+    provenance = {
+        "table": str(path),
+        "description": description,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_files": [name for name in config_files.split(",") if name],
+        "grid_hash": grid_hash(config),
+        "rows": len(table),
+        "columns": [str(column) for column in table.columns],
+        "written_by": {
+            "package_version": __version__,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "python": platform.python_version(),
+            "pandas": pd.__version__,
+        },
+    }
+    if records is not None:
+        provenance["runs"] = {
+            "read": len(records),
+            "git_commits": _distinct(records, "git_commit"),
+            "any_git_dirty": bool(records["git_dirty"].fillna(False).astype(bool).any())
+            if "git_dirty" in records else None,
+            "package_versions": _distinct(records, "package_version"),
+        }
+    provenance["skipped"] = [{"path": str(file), "reason": reason} for file, reason in skipped]
+    return provenance
+
+
+def _distinct(records, column: str) -> list:
+    if column not in records:
+        return []
+    return sorted(str(value) for value in records[column].dropna().unique())
+
+
 # ---------------------------------------------------------------- configuration checks
 
 
@@ -72,7 +142,8 @@ def check_config(config: dict, schema_path) -> list:
     problems = schema_problems(config, schema)
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems)
-        raise ConfigError(f"{len(problems)} invalid setting(s); see {schema_path} for every key:\n{listed}")
+        noun = "setting" if len(problems) == 1 else "settings"
+        raise ConfigError(f"{schema_path} rejects {len(problems)} {noun}:\n{listed}")
 
     runs = expand_grid(config)
     listed = "figures" in config
@@ -238,18 +309,25 @@ def _describe_schema(schema: dict, root: dict) -> str:
         size = "a non-empty list" if schema.get("minItems", 0) >= 1 else "a list"
         return f"{size} whose items are each {item}"
     if kind in ("integer", "number"):
-        noun = "an integer" if kind == "integer" else "a number"
-        if "minimum" in schema:
-            return "a positive integer" if kind == "integer" and schema["minimum"] == 1 else \
-                f"{noun} >= {schema['minimum']}"
-        if "exclusiveMinimum" in schema:
-            return "a positive number" if schema["exclusiveMinimum"] == 0 else f"{noun} above {schema['exclusiveMinimum']}"
-        return noun
+        return _describe_number(kind, schema)
     if kind == "null":
         return "empty (null)"
     if kind == "object":
         return "a mapping"
     return _describe_type(kind) if kind else "valid"
+
+
+def _describe_number(kind: str, schema: dict) -> str:
+    noun = "an integer" if kind == "integer" else "a number"
+    if kind == "integer" and schema.get("minimum") == 1:
+        return "a positive integer"
+    if "minimum" in schema:
+        return f"{noun} >= {schema['minimum']}"
+    if schema.get("exclusiveMinimum") == 0:
+        return "a positive number"
+    if "exclusiveMinimum" in schema:
+        return f"{noun} above {schema['exclusiveMinimum']}"
+    return noun
 
 
 def _describe_type(kind) -> str:
