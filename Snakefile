@@ -18,6 +18,15 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 
+# Light rules run where Snakemake runs, so a cluster queue only sees training jobs.
+localrules:
+    all,
+    runs_table_of_grid,
+    runs_table,
+    figure_table,
+    rank_step_table,
+    figure,
+
 
 rule all:
     input:
