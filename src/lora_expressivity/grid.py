@@ -49,7 +49,7 @@ def run_id(config: RunConfig) -> str:
 
 
 def expand_grid(grid: dict) -> list[Run]:
-    """Every run of the grid, deduplicated across experiments, in a stable order.
+    """Expand the grid into its runs, deduplicated across experiments, in a stable order.
 
     Raises ConfigError naming the experiment, the method and the setting at fault.
     """
@@ -130,7 +130,7 @@ def make_batches(runs: list[Run], batch_over=DEFAULT_BATCH_OVER, max_members: in
     """Group runs that differ only in batch_over settings, in chunks of at most max_members.
 
     Batch ids hash the shared settings, so a batch keeps its id when a rank or a sweep
-    value is added; its outputs change, and Snakemake reruns just that batch.
+    value is added. Its outputs change, and Snakemake reruns just that batch.
     """
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -148,7 +148,7 @@ def make_batches(runs: list[Run], batch_over=DEFAULT_BATCH_OVER, max_members: in
 
 
 def runs_table(runs: list[Run]):
-    """A pandas DataFrame with one row per run: id, experiments, path and every setting."""
+    """Build a DataFrame with one row per run: id, experiments, path and every setting."""
     import pandas as pd
 
     rows = []
