@@ -1,10 +1,10 @@
 """Training loop, loss and optimizer for members stacked along a leading axis.
 
-The pieces reproduce training.train for every member at once: one input batch per
-distinct seed and step, drawn from that seed's own generator, the target's outputs
-computed once per seed, one forward and backward for all members, and an Adam step
-that equals torch.optim.Adam member by member with per-member learning rate and
-weight decay.
+The pieces reproduce training.train for every member at once. Each step draws one
+input batch per distinct seed from that seed's own generator and computes the
+target's outputs once per seed. One forward and backward pass serves all members,
+and the Adam step equals torch.optim.Adam member by member, with a learning rate and
+weight decay per member.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import torch
 BETA1 = 0.9
 BETA2 = 0.999
 EPS = 1e-8
+# Floor for the second moment before its square root: sqrt(1e-36) divided by the
+# smallest bias correction, sqrt(1 - BETA2) at step 1, is 3.2e-17, below half an ulp
+# of EPS in float32 (4.4e-16).
+SQRT_FLOOR = 1e-36
 
 
 class MemberMSE(torch.autograd.Function):
@@ -41,19 +45,25 @@ class MemberMSE(torch.autograd.Function):
 
 
 def member_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Losses [K] of K members, differentiable with respect to output."""
+    """Compute the losses [K] of K members, differentiable with respect to output."""
     return MemberMSE.apply(output, target)
 
 
 class StackedAdam:
     """torch.optim.Adam (L2 weight decay, bias corrections) over tensors of shape [K, ...].
 
-    lrs and weight_decays hold one value per member. Members with equal weight decay
-    must be adjacent: the decay is added slice by slice with Tensor.add(alpha=...),
-    the call torch.optim.Adam makes, because a per-member tensor factor would round
-    differently. masks[i], where given, has shape [K, 1, ...] and zeroes the gradient
-    (after weight decay) of members that do not train params[i]; their moments then
-    stay zero and the update is exactly zero.
+    lrs and weight_decays hold one value per member. The weight decay is added to each
+    run of adjacent members with equal decay by Tensor.add(alpha=...), the call
+    torch.optim.Adam makes, because a per-member tensor factor would round differently;
+    sorting the members by weight decay keeps the runs few. masks[i], where given,
+    contains a 1 or 0 per member (K values in any shape). It zeroes the gradient
+    (after weight decay) of members that do not train params[i], so their moments stay
+    zero and their update is exactly zero.
+
+    The optimizer keeps its state in [K, P] buffers that hold every parameter of a
+    member side by side, so that one step is about ten tensor operations whatever the
+    number of parameters. step() gathers the gradients into such a buffer and copies
+    the updated values back into the parameters.
     """
 
     def __init__(self, params: list[torch.Tensor], lrs: list[float], weight_decays: list[float],
@@ -65,50 +75,59 @@ class StackedAdam:
             if param.shape[0] != members:
                 raise ValueError(f"parameter of shape {tuple(param.shape)} does not have {members} members")
         self.params = params
-        self.masks = masks if masks is not None else [None] * len(params)
-        self.decay_slices = _runs_of_equal_values(weight_decays)
-        seen = [value for _, _, value in self.decay_slices]
-        if len(seen) != len(set(seen)):
-            raise ValueError("members with equal weight decay must be adjacent; sort them by weight decay")
+        self.decay_slices = [run for run in _runs_of_equal_values(weight_decays) if run[2] != 0]
+
         device = params[0].device if params else "cpu"
+        with torch.no_grad():
+            self.flat_params = torch.cat([param.detach().flatten(1) for param in params]
+                                         or [torch.empty(members, 0)], dim=1)
+        self.param_views = list(torch.split(self.flat_params, [p[0].numel() for p in params], dim=1))
+        self.flat_mask = None
+        if masks is not None and any(mask is not None for mask in masks):
+            self.flat_mask = torch.cat([
+                (mask if mask is not None else torch.ones(members, device=device)).reshape(members, 1)
+                .expand(members, param[0].numel())
+                for param, mask in zip(params, masks)
+            ], dim=1)
+        self.exp_avg = torch.zeros_like(self.flat_params)
+        self.exp_avg_sq = torch.zeros_like(self.flat_params)
         self.lrs = torch.tensor(lrs, dtype=torch.float64)
-        self.neg_step_sizes = torch.empty(members, dtype=torch.float32, device=device)
-        self.exp_avgs = [torch.zeros_like(param) for param in params]
-        self.exp_avg_sqs = [torch.zeros_like(param) for param in params]
+        self.neg_step_sizes = torch.empty(members, 1, dtype=torch.float32, device=device)
         self.step_count = 0
 
-    def zero_grad(self):
-        for param in self.params:
-            param.grad = None
-
     @torch.no_grad()
-    def step(self):
+    def step(self, gradients: list[torch.Tensor]):
+        """Update every parameter from its gradient; gradients are left unchanged."""
         self.step_count += 1
+        if not self.params:
+            return
         # The same double-precision scalars as torch.optim.Adam's single-tensor path.
         bias_correction1 = 1 - BETA1 ** float(self.step_count)
         bias_correction2 = 1 - BETA2 ** float(self.step_count)
         bias_correction2_sqrt = bias_correction2 ** 0.5
         # lr / bias_correction1 in double, rounded to float32 once, as the scalar
         # value of Tensor.addcdiv_ is.
-        self.neg_step_sizes.copy_((self.lrs / bias_correction1).neg())
+        self.neg_step_sizes.copy_((self.lrs / bias_correction1).neg().view(-1, 1))
 
-        for param, exp_avg, exp_avg_sq, mask in zip(self.params, self.exp_avgs, self.exp_avg_sqs, self.masks):
-            grad = param.grad
-            if grad is None:
-                continue
-            for start, stop, weight_decay in self.decay_slices:
-                if weight_decay != 0:
-                    grad[start:stop].add_(param[start:stop], alpha=weight_decay)
-            if mask is not None:
-                grad.mul_(mask)
-            exp_avg.lerp_(grad, 1 - BETA1)
-            exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(EPS)
-            # param + (-step_size * exp_avg) / denom, the order Tensor.addcdiv_ evaluates.
-            step_sizes = self.neg_step_sizes.view((-1,) + (1,) * (param.dim() - 1))
-            update = exp_avg * step_sizes
-            update.div_(denom)
-            param.add_(update)
+        grad = torch.cat([gradient.reshape(gradient.shape[0], -1) for gradient in gradients], dim=1)
+        param = self.flat_params
+        for start, stop, weight_decay in self.decay_slices:
+            grad[start:stop].add_(param[start:stop], alpha=weight_decay)
+        if self.flat_mask is not None:
+            grad.mul_(self.flat_mask)
+        self.exp_avg.lerp_(grad, 1 - BETA1)
+        self.exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+        # PyTorch's CPU sqrt is several times slower on zeros and subnormal numbers, and
+        # zeros are common here (padded adapter columns, untrained members). For any
+        # v <= SQRT_FLOOR, sqrt(v) / bias_correction2_sqrt is below half an ulp of EPS,
+        # so the denominator rounds to EPS with or without the floor: the result is
+        # bit for bit that of torch.optim.Adam.
+        denom = (self.exp_avg_sq.clamp_min(SQRT_FLOOR).sqrt_() / bias_correction2_sqrt).add_(EPS)
+        # param + (-step_size * exp_avg) / denom, the order Tensor.addcdiv_ evaluates.
+        update = self.exp_avg * self.neg_step_sizes
+        update.div_(denom)
+        param.add_(update)
+        torch._foreach_copy_(self.params, [view.view_as(p) for view, p in zip(self.param_views, self.params)])
 
 
 def _runs_of_equal_values(values: list[float]) -> list[tuple[int, int, float]]:
@@ -152,7 +171,7 @@ class SeedStreams:
 
     @torch.no_grad()
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and target outputs [seeds, rows, width], one entry per distinct seed."""
+        """Draw inputs and compute target outputs [seeds, rows, width], one entry per distinct seed."""
         inputs, outputs = [], []
         for seed in self.seeds:
             x = self.sample(self.generators[seed], n).to(self.device)
@@ -168,31 +187,34 @@ class SeedStreams:
         return per_seed.index_select(0, index)
 
 
-def train_members(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: StackedAdam,
-                  streams: SeedStreams, n_epochs: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_members(model, optimizer: StackedAdam, streams: SeedStreams, n_epochs: int,
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run n_epochs Adam steps, then the validation batch; returns (final train losses, validation losses).
 
-    The losses are tensors [K] and stay on the device; nothing is copied to Python
-    during the loop.
+    model provides loss_and_gradients(inputs, targets, with_losses) for the optimizer's
+    tensors and forward(inputs). Only the last step computes its losses, which are the
+    final train losses. The losses are tensors [K] on the device; nothing is copied to
+    Python during the loop.
     """
-    step_sizes = optimizer.neg_step_sizes
-    losses = torch.full(step_sizes.shape, float("nan"), device=step_sizes.device)
-    for _ in range(n_epochs):
+    losses = torch.full((len(optimizer.lrs),), float("nan"), device=optimizer.flat_params.device)
+    for step in range(n_epochs):
         inputs, outputs = streams.draw(batch_size)
-        losses = member_mse(forward(streams.for_members(inputs)), streams.for_members(outputs))
-        optimizer.zero_grad()
-        losses.sum().backward()
-        optimizer.step()
+        step_losses, gradients = model.loss_and_gradients(
+            streams.for_members(inputs), streams.for_members(outputs), with_losses=step == n_epochs - 1
+        )
+        if step_losses is not None:
+            losses = step_losses
+        optimizer.step(gradients)
     with torch.no_grad():
         inputs, outputs = streams.draw(batch_size)
-        val_losses = member_mse(forward(streams.for_members(inputs)), streams.for_members(outputs))
-    return losses.detach(), val_losses
+        val_losses = member_mse(model.forward(streams.for_members(inputs)), streams.for_members(outputs))
+    return losses, val_losses
 
 
 @torch.no_grad()
 def evaluate_members(forward: Callable[[torch.Tensor, slice], torch.Tensor], streams: SeedStreams,
                      n: int, members: int, chunk: int) -> torch.Tensor:
-    """Losses [K] on one draw of n inputs per seed, computing chunk members at a time."""
+    """Compute the losses [K] on one draw of n inputs per seed, chunk members at a time."""
     inputs, outputs = streams.draw(n)
     losses = []
     for start in range(0, members, chunk):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,9 +40,21 @@ PRETRAINING_FIELDS = ("exp", "width", "target_depth", "frozen_depth", "use_bias"
                       "batch_size", "init_mode", "pretrained_epochs", "pretrained_lr", "pretrained_level",
                       "seed", "n_head", "seq_length")
 
-# Memory for one training group's activations and optimizer state. Together with the
-# interpreter and torch (about 300 MB) this keeps a training job under 2 GB.
-TRAINING_MEMORY_BYTES = 1 << 30
+# Activation memory that sets the default number of members per stacked model
+# (member_limit).
+# A stacked FNN step is limited by memory traffic, so its frozen_depth activations
+# [K, batch_size, width] should stay near the caches. At batch 256 and width 16 the
+# cap gives K = 96, 48 and 24 for 2, 4 and 8 layers. On the 2-core machine of
+# docs/benchmarks.md, 48 members trained a 4-layer cell of 192 runs 20 to 30% faster
+# than 12 or 192, and 24 members trained an 8-layer cell about 10% faster than 48.
+# A TFN step is dominated by many small matrix products, and a larger K spreads the
+# per-seed cost of drawing the batch and running the target over more members. 8 MiB
+# of token rows [K, batch_size * seq_length, width] gives K = 51 at batch 256, width 16
+# and seq_length 10.
+# Both caps also keep the memory of training to a few hundred MB.
+FNN_ACTIVATION_BYTES = 3 << 20
+TFN_ACTIVATION_BYTES = 8 << 20
+# Memory for the test-set forward pass, which runs a chunk of members at a time.
 EVALUATION_MEMORY_BYTES = 512 << 20
 
 
@@ -52,14 +63,21 @@ def run_batch(configs: list[RunConfig], device: str | None = None, *,
     """Run every configuration and return their results in the same order.
 
     device, when given, replaces each configuration's device (`auto` picks CUDA when
-    available). max_members caps the members trained as one stacked model; by default
-    the cap follows from TRAINING_MEMORY_BYTES.
+    available). Gradient runs train in groups of up to max_members members (default:
+    member_limit of the group); `ours` runs go through run() one by one. wall_time_s
+    of a trained member is an equal share of its stacked model's time, setup and
+    evaluation included.
+
+    NOTE: the CUDA path has not been run; no GPU was available while it was written.
+    Compare a short batch on the GPU with the same batch on the CPU before a long one.
     """
     if device is not None:
         configs = [replace(config, device=device) for config in configs]
     for config in configs:
         config.validate()
-    if max_members is not None and max_members < 1:
+        resolve_device(config.device)
+    if max_members is not None and (isinstance(max_members, bool) or not isinstance(max_members, int)
+                                    or max_members < 1):
         raise ValueError(f"max_members must be a positive integer, got {max_members!r}")
 
     results: list[RunResult | None] = [None] * len(configs)
@@ -73,8 +91,9 @@ def run_batch(configs: list[RunConfig], device: str | None = None, *,
 
     pretraining = PretrainingCache()
     for indices in groups.values():
-        # StackedAdam needs members with equal weight decay side by side.
-        indices = sorted(indices, key=lambda index: configs[index].weight_decay)
+        # Members of similar rank share a stacked model, so that little of it is
+        # zero padding; equal weight decays side by side save StackedAdam slices.
+        indices = sorted(indices, key=lambda index: (largest_rank(configs[index]), configs[index].weight_decay))
         limit = max_members or member_limit(configs[indices[0]])
         for start in range(0, len(indices), limit):
             chunk = indices[start:start + limit]
@@ -83,28 +102,24 @@ def run_batch(configs: list[RunConfig], device: str | None = None, *,
     return results
 
 
+def largest_rank(config: RunConfig) -> int:
+    """Largest adapter rank of a run (FNN layers may differ, the TFN has one rank)."""
+    return max(config.layer_ranks(), default=0) if config.exp == "fnn" else config.rank
+
+
 def member_limit(config: RunConfig) -> int:
-    """Largest number of members whose training fits TRAINING_MEMORY_BYTES (an estimate)."""
-    return max(1, TRAINING_MEMORY_BYTES // training_bytes_per_member(config))
-
-
-def training_bytes_per_member(config: RunConfig) -> int:
-    """Estimated memory of one member's forward and backward pass, in bytes.
-
-    Counts float32 tensors of batch x width (x seq_length) that autograd keeps per
-    layer, with a margin for the temporaries of the backward pass. The factors were
-    fitted to peak memory measured on CPU (see docs/benchmarks.md).
-    """
+    """Default number of members per stacked model, from the activation caps above."""
     if config.exp == "fnn":
-        per_layer = 8 * config.batch_size * config.width
-        return 4 * per_layer * (config.frozen_depth + config.target_depth)
-    rows = config.batch_size * config.seq_length
-    per_block = rows * (12 * config.n_head * config.width + 2 * config.n_head * config.seq_length + 8 * config.width)
-    return 4 * per_block * (config.target_depth + 1)
+        return max(1, FNN_ACTIVATION_BYTES // (4 * config.batch_size * config.width * config.frozen_depth))
+    return max(1, TFN_ACTIVATION_BYTES // (4 * config.batch_size * config.seq_length * config.width))
 
 
 def evaluation_chunk(config: RunConfig) -> int:
-    """Number of members whose test-set forward pass fits EVALUATION_MEMORY_BYTES."""
+    """Number of members whose test-set forward pass fits EVALUATION_MEMORY_BYTES (an estimate).
+
+    Counts the float32 tensors of n_test x width (x seq_length) that are alive at once:
+    about 4 for an FNN and 16 for a TFN (projections, scores, attention weights).
+    """
     rows = config.n_test * (config.seq_length if config.exp == "tfn" else 1)
     per_member = 4 * rows * config.width * (16 if config.exp == "tfn" else 4)
     return max(1, EVALUATION_MEMORY_BYTES // per_member)
@@ -198,7 +213,7 @@ def prepare_member(config: RunConfig, device, pretraining: PretrainingCache) -> 
 
 
 def shared_targets(configs: list[RunConfig], members: list[Member]) -> dict[int, torch.nn.Module]:
-    """One target model per seed; raise RuntimeError if members of one seed disagree."""
+    """Map each seed to one target model; raise RuntimeError if members of one seed disagree."""
     targets: dict[int, torch.nn.Module] = {}
     states: dict[int, dict[str, torch.Tensor]] = {}
     for config, member in zip(configs, members):
@@ -223,22 +238,20 @@ def train_group(configs: list[RunConfig], pretraining: PretrainingCache) -> list
 
     members = [prepare_member(config, device, pretraining) for config in configs]
     targets = shared_targets(configs, members)
+    width = first.width
     if first.exp == "fnn":
-        model = StackedFNN([m.frozen for m in members], with_adapters=first.method == "sgd", device=device)
-        params, masks = fnn_trainables(model, configs, device)
-        width = first.width
+        model = StackedFNN([m.frozen for m in members], device, with_adapters=first.method == "sgd")
+        masks = configure_fnn_training(model, configs, device)
 
         def sample(generator, n):
             return torch.randn(n, width, generator=generator)
 
         def to_rows(tensor):
             return tensor
-
-        forward = model.forward
     else:
-        model = StackedTFN([m.frozen for m in members], device=device)
-        params, masks = tfn_trainables(model), None
-        width, seq_length = first.width, first.seq_length
+        seq_length = first.seq_length
+        model = StackedTFN([m.frozen for m in members], seq_length, device)
+        masks = None
 
         def sample(generator, n):
             return torch.randn(n, width, seq_length, generator=generator)
@@ -246,21 +259,15 @@ def train_group(configs: list[RunConfig], pretraining: PretrainingCache) -> list
         def to_rows(tensor):
             return tensor.transpose(1, 2).reshape(-1, width)
 
-        def forward(rows, members=slice(None)):
-            return model.forward(rows, seq_length, members)
-
-    for param in params:
-        param.requires_grad_(True)
+    params = [tensor for _, _, tensor in model.trained()]
     optimizer = StackedAdam(params, [c.lr for c in configs], [c.weight_decay for c in configs], masks)
     streams = SeedStreams([c.seed for c in configs], targets, device, sample, to_rows)
-    final_losses, val_losses = train_members(forward, optimizer, streams, first.n_epochs, first.batch_size)
-    for param in params:
-        param.requires_grad_(False)
+    final_losses, val_losses = train_members(model, optimizer, streams, first.n_epochs, first.batch_size)
 
     # The FNN evaluation reseeds; the TFN test set continues each seed's stream.
     if first.exp == "fnn":
         streams.restart()
-    test_losses = evaluate_members(forward, streams, first.n_test, len(configs), evaluation_chunk(first))
+    test_losses = evaluate_members(model.forward, streams, first.n_test, len(configs), evaluation_chunk(first))
 
     share = (time.perf_counter() - started) / len(configs)
     log.info("trained %d members in %.1f s", len(configs), share * len(configs))
@@ -281,50 +288,30 @@ def train_group(configs: list[RunConfig], pretraining: PretrainingCache) -> list
     ]
 
 
-def fnn_trainables(model: StackedFNN, configs: list[RunConfig], device) -> tuple[list, list]:
-    """Tensors the method updates, with a per-member mask where members differ."""
+def configure_fnn_training(model: StackedFNN, configs: list[RunConfig], device) -> list[torch.Tensor | None]:
+    """Set which tensors the method trains; returns a mask per trained tensor (None: all members).
+
+    sgd trains every adapter, and the biases of members with tune_bias = 1. flt trains
+    the weights and biases of each member's last_layers layers; without biases it
+    trains the weights alone, as training.tuned_parameters does.
+    """
     members = len(configs)
-    params, masks = [], []
-
-    def mask_of(flags: Iterable[bool]):
-        flags = list(flags)
-        if all(flags):
-            return None
-        return torch.tensor(flags, dtype=torch.float32, device=device).view(members, 1, 1)
-
     if configs[0].method == "sgd":
-        for A, B in zip(model.A, model.B):
-            if A.shape[2] > 0:
-                params += [A, B]
-                masks += [None, None]
-        tune_bias = [bool(config.tune_bias) for config in configs]
-        if model.biases[0] is not None and any(tune_bias):
-            for bias in model.biases:
-                params.append(bias)
-                masks.append(mask_of(tune_bias))
-        return params, masks
+        model.train_adapters = True
+        model.train_biases = any(config.tune_bias for config in configs)
+    else:
+        model.first_trained_weight = model.depth - max(config.last_layers for config in configs)
 
-    depth = model.depth
-    deepest = max(config.last_layers for config in configs)
-    for layer in range(depth - deepest, depth):
-        mask = mask_of(layer >= depth - config.last_layers for config in configs)
-        params.append(model.weights[layer])
-        masks.append(mask)
-        # Without biases final layers tuning tunes the weights alone, as in training.py.
-        if model.biases[layer] is not None:
-            params.append(model.biases[layer])
-            masks.append(mask)
-    return params, masks
-
-
-def tfn_trainables(model: StackedTFN) -> list[torch.Tensor]:
-    """Every adapter factor: attention adapters of all blocks, the W2 and output adapters."""
-    params = []
-    for block in model.blocks:
-        for name in ("attention_A", "attention_B", "W2_A", "W2_B"):
-            if block[name] is not None:
-                params.append(block[name])
-    if model.output_A is not None:
-        params += [model.output_A, model.output_B]
-    return params
-
+    masks = []
+    for kind, layer, _ in model.trained():
+        if kind in ("A", "B"):
+            flags = [True] * members
+        elif configs[0].method == "sgd":
+            flags = [bool(config.tune_bias) for config in configs]
+        else:
+            flags = [layer >= model.depth - config.last_layers for config in configs]
+        if all(flags):
+            masks.append(None)
+        else:
+            masks.append(torch.tensor(flags, dtype=torch.float32, device=device).view(members, 1, 1))
+    return masks
