@@ -42,6 +42,8 @@ GRID = {
                   "rank": 1, "methods": {"sgd": {"lr": DIVERGING_LR, "rank_step": [1]}}},
     },
     "figures": ["figure1", "rank_steps"],
+    # Methods train in separate jobs here, so that the kill test can find the sgd job.
+    "batching": {"batch_over": ["rank", "lr", "weight_decay", "tune_bias", "last_layers", "rank_step"]},
     "train": {"device": "cpu", "threads": 1},
 }
 # Metrics that differ between two runs of the same configuration.

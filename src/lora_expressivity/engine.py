@@ -82,14 +82,14 @@ def run_batch(configs: list[RunConfig], device: str | None = None, *,
 
     results: list[RunResult | None] = [None] * len(configs)
     groups: dict[tuple, list[int]] = {}
+    pretraining = PretrainingCache()
     for index, config in enumerate(configs):
         if config.method == "ours":
-            results[index] = run(config)
+            results[index] = run(config, pretrain_frozen=pretraining.pretrain_frozen)
         else:
             key = tuple(getattr(config, name) for name in GROUP_FIELDS) + (str(resolve_device(config.device)),)
             groups.setdefault(key, []).append(index)
 
-    pretraining = PretrainingCache()
     for indices in groups.values():
         # Members of similar rank share a stacked model, so that little of it is
         # zero padding; equal weight decays side by side save StackedAdam slices.
@@ -142,6 +142,9 @@ class PretrainingEntry:
     pretrained: dict[str, torch.Tensor]
     stopped_at: int
     val_loss: float
+    # Global generator state right after pretraining: the transformer's evaluation
+    # continues that stream instead of reseeding.
+    rng_state: torch.Tensor
 
 
 class PretrainingCache:
@@ -170,7 +173,7 @@ class PretrainingCache:
                                                         echo=lambda line: None)
             entry = PretrainingEntry(initial=_clone(initial), target=target,
                                      pretrained=_clone(_frozen_weights(pretrained)),
-                                     stopped_at=stopped_at, val_loss=val_loss)
+                                     stopped_at=stopped_at, val_loss=val_loss, rng_state=torch.get_rng_state())
             self.entries[key] = entry
         elif not (_equal(entry.initial, initial) and _equal(entry.target, target)):
             raise RuntimeError(
@@ -182,6 +185,13 @@ class PretrainingCache:
                 tensor.copy_(entry.pretrained[name])
         member.pretraining_stopped_at_epoch = entry.stopped_at
         member.pretraining_val_loss = entry.val_loss
+        torch.set_rng_state(entry.rng_state)
+
+    def pretrain_frozen(self, frozen, target, config: RunConfig, device, echo=None):
+        """Pretrain frozen in place through the cache; the signature of training.pretrain for run()."""
+        member = Member(target=target, frozen=frozen)
+        self.apply(config, member, device)
+        return member.frozen, member.pretraining_stopped_at_epoch, member.pretraining_val_loss
 
 
 def _frozen_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -65,8 +65,12 @@ def make_uniform_singular_values(target, frozen, config):
             target.layers[index].weight.copy_(product + mean * torch.eye(config.width))
 
 
-def run(config: RunConfig, echo=lambda message: None) -> RunResult:
-    """Run one configuration; echo receives the reference's console lines."""
+def run(config: RunConfig, echo=lambda message: None, pretrain_frozen=pretrain) -> RunResult:
+    """Run one configuration; echo receives the reference's console lines.
+
+    pretrain_frozen replaces training.pretrain, for callers that reuse the pretraining
+    of an identical setting. It must leave the global generator as pretrain would.
+    """
     config.validate()
     device = resolve_device(config.device)
     started = time.perf_counter()
@@ -80,7 +84,7 @@ def run(config: RunConfig, echo=lambda message: None) -> RunResult:
     frozen.to(device)
 
     if config.pretrained:
-        frozen, result["pretraining_stopped_at_epoch"], result["pretraining_val_loss"] = pretrain(
+        frozen, result["pretraining_stopped_at_epoch"], result["pretraining_val_loss"] = pretrain_frozen(
             frozen, target, config, device, echo
         )
 

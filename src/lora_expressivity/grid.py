@@ -20,7 +20,8 @@ from .config import ConfigError, RunConfig
 GRADIENT_METHODS = ("sgd", "flt")
 LIST_VALUED = ("depths", "ranks")
 # Settings that may differ between the members of one training batch by default.
-DEFAULT_BATCH_OVER = ("rank", "lr", "weight_decay", "tune_bias", "last_layers", "rank_step", "ranks")
+# method is among them so that ours and gradient runs of one setting share its pretraining.
+DEFAULT_BATCH_OVER = ("method", "rank", "lr", "weight_decay", "tune_bias", "last_layers", "rank_step", "ranks")
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,14 @@ def make_batches(runs: list[Run], batch_over=DEFAULT_BATCH_OVER, max_members: in
     for run in runs:
         key = {k: v for k, v in run.config.to_dict().items() if k not in batch_over}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        groups.setdefault(f"{run.config.exp}-{run.config.method}-{digest}", []).append(run)
+        groups.setdefault(digest, []).append(run)
+    named = {}
+    for digest, members in groups.items():
+        methods = sorted({run.config.method for run in members})
+        # A batch of one method names it, so that rule names say what a job trains.
+        prefix = "-".join([members[0].config.exp, *methods]) if len(methods) == 1 else members[0].config.exp
+        named[f"{prefix}-{digest}"] = members
+    groups = named
     batches = []
     for key, members in sorted(groups.items()):
         members.sort(key=lambda run: run.run_id)
