@@ -328,3 +328,19 @@ def test_tuned_parameters_match_engine_choice():
         model = StackedFNN([member.frozen], "cpu", with_adapters=config.method == "sgd")
         engine.configure_fnn_training(model, [config], "cpu")
         assert sum(tensor.numel() for _, _, tensor in model.trained()) == expected
+
+
+@pytest.mark.parametrize("exp,depths", [("fnn", (2, 4)), ("tfn", (1, 1)), ("tfn", (2, 2))])
+def test_construction_reuses_pretraining_exactly(exp, depths):
+    # The construction reads the job's pretraining cache; for the transformer its test
+    # set continues the generator stream after pretraining, so the cache restores it.
+    target_depth, frozen_depth = depths
+    configs = [RunConfig(exp=exp, width=8, target_depth=target_depth, frozen_depth=frozen_depth, rank=rank,
+                         method=method, batch_size=64, n_epochs=20, n_test=500, pretrained=1,
+                         pretrained_epochs=100, seed=1)
+               for rank in (2, 5) for method in ("sgd", "ours")]
+    for config, batched, single in zip(configs, run_batch(configs), map(run, configs)):
+        assert batched.pretraining_stopped_at_epoch == single.pretraining_stopped_at_epoch
+        if config.method == "ours":
+            assert batched.test_loss == single.test_loss
+            assert batched.singular_values == single.singular_values
