@@ -95,8 +95,8 @@ def run(config: RunConfig, echo=lambda message: None, pretrain_frozen=pretrain) 
         torch.manual_seed(config.seed)
         model = copy.deepcopy(frozen)
         params = tuned_parameters(model, config)
-        # The FNN loop seeds again; the TFN loop does not, but nothing is drawn
-        # in between, so both start the loop from the same generator state.
+        # The reference reseeds again before the FNN loop only. Nothing is drawn
+        # in between, so both models start the loop from the same generator state.
         torch.manual_seed(config.seed)
         outcome = train(model, target, params, config, config.lr, config.weight_decay, device)
         result["val_loss"] = outcome.val_loss
