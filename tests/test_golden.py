@@ -13,8 +13,8 @@ from lora_expressivity.cli import FLAGS
 
 CASES = json.loads((ROOT / "tests" / "data" / "golden-cases.json").read_text())["cases"]
 # Transformer construction at depth 2: the same inverses and products as the reference give
-# the same singular values, but the test loss passes through several float32 inverses in a
-# row and differs from the reference's by 0.43%, which is round-off, not algorithm.
+# the same singular values. The test loss passes through several float32 inverses in a row,
+# so it differs from the reference's by 0.43%, which is round-off, not algorithm.
 ROUND_OFF_DOMINATED = {"tfn_ours_depth2_rank4": 0.01}
 
 

@@ -34,9 +34,13 @@ def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     text = completed.stdout + completed.stderr
     if "Nothing to be done" in text:
         return {}
-    stats = text.split("Job stats:", 1)[1]
+    return job_counts(text)
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """Rule name -> job count from the "Job stats:" table of Snakemake's output."""
     counts = {}
-    for line in stats.splitlines()[3:]:
+    for line in text.split("Job stats:", 1)[1].splitlines()[3:]:
         match = re.fullmatch(r"(\S+)\s+(\d+)", line.strip())
         if match is None:
             break

@@ -114,7 +114,7 @@ def cell_keys(table: pd.DataFrame) -> list[str]:
 
 
 def best_of_sweep(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: the run with the lowest finite validation loss (or the only run, for ours)."""
+    """Keep one row per cell: the run with the lowest finite validation loss (or the only run, for ours)."""
     if table.empty:
         return table
     diverged = diverged_mask(table)

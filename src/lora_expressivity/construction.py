@@ -73,7 +73,7 @@ def construct_fnn(model, target, config, report: list):
     """Write the construction's adapters (and, with biases, biases) into model in place.
 
     With biases, every layer but the last of a group gets a constant bias large
-    enough to keep all ReLUs active on a batch z, so the group acts linearly; the
+    enough to keep all ReLUs active on a batch z, so the group acts linearly. The
     last layer's bias then cancels what the earlier biases added.
     """
     dtype = model.layers[0].weight.dtype

@@ -133,7 +133,7 @@ def select(table: pd.DataFrame, filters: dict) -> pd.DataFrame:
 
 
 def matches(config: dict, figure: Figure) -> bool:
-    """Whether a run's configuration feeds the figure; used to give each figure only its runs."""
+    """Return whether a run feeds the figure, so that each figure rule gets only its own runs."""
     values = dict(config)
     values["depths"] = f"{values['target_depth']},{values['frozen_depth']}"
     if any(values.get(key) != value for key, value in figure.filters.items()):
@@ -326,7 +326,7 @@ def rank_step_table(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table, floats with 4 significant digits."""
+    """Format a GitHub-flavoured Markdown table, floats with 4 significant digits."""
     def cell(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 

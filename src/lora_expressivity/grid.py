@@ -141,7 +141,7 @@ def make_batches(runs: list[Run], batch_over=DEFAULT_BATCH_OVER, max_members: in
     named = {}
     for digest, members in groups.items():
         methods = sorted({run.config.method for run in members})
-        # A batch of one method names it, so that rule names say what a job trains.
+        # A batch of one method carries the method in its id, so rule names show what a job trains.
         prefix = "-".join([members[0].config.exp, *methods]) if len(methods) == 1 else members[0].config.exp
         named[f"{prefix}-{digest}"] = members
     groups = named

@@ -92,10 +92,10 @@ class TFNBlock(nn.Module):
         return [merged(w, self.attention_adapters[4 * head + i]) for i, w in enumerate(own)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The order of operations (keys before queries, Wo applied after the
-        # attention, token-wise layers on the transposed input, the W2 adapter
-        # added separately) matches the reference, because the transformer runs
-        # are sensitive to float32 round-off and these choices reproduce its numbers.
+        # The order of operations matches the reference: keys before queries, Wo
+        # applied after the attention, token-wise layers on the transposed input and
+        # the W2 adapter added separately. Transformer runs are sensitive to float32
+        # round-off, and this order reproduces the reference's numbers.
         out = 0
         for head in range(self.n_head):
             Wq, Wk, Wv, Wo = self.head_weights(head)

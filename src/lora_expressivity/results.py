@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 
 
 def _finite_or_none(value):
-    """JSON has no NaN or infinity: store them as null (the record's `diverged` flag says why)."""
+    """Replace NaN and infinity, which JSON lacks, by null; the record's `diverged` flag marks such runs."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

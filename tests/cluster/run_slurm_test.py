@@ -49,6 +49,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# The script also runs outside pytest, so it finds the shared test helpers itself.
+sys.path.insert(0, str(ROOT / "tests"))
+from workflow_helpers import job_counts  # noqa: E402
+
 SNAKEFILE = ROOT / "Snakefile"
 PROFILE = ROOT / "profiles" / "slurm"
 GPU_CONFIG = PROFILE / "gpu.yaml"
@@ -494,14 +498,7 @@ def planned_jobs(cluster: LocalSlurmCluster, workdir: Path) -> dict[str, int]:
     text = completed.stdout + completed.stderr
     if completed.returncode != 0 or "Job stats:" not in text:
         raise RuntimeError(f"the dry run failed with status {completed.returncode}:\n{text[-3000:]}")
-    counts = {}
-    for line in text.split("Job stats:", 1)[1].splitlines()[3:]:
-        match = re.fullmatch(r"(\S+)\s+(\d+)", line.strip())
-        if match is None:
-            break
-        if match.group(1) != "total":
-            counts[match.group(1)] = int(match.group(2))
-    return counts
+    return job_counts(text)
 
 
 def stop_session(process: subprocess.Popen):
