@@ -13,7 +13,7 @@ from .config import RunConfig
 from .construction import construct_fnn, construct_tfn, layer_groups
 from .devices import resolve_device
 from .models import build_models
-from .training import mse, pretrain, sample_inputs, train, tuned_parameters
+from .training import evaluate, pretrain, sample_inputs, train, tuned_parameters
 
 
 @dataclass
@@ -104,11 +104,10 @@ def run(config: RunConfig, echo=lambda message: None, pretrain_frozen=pretrain) 
         echo(f"Validation loss: {outcome.val_loss:.4f}")
 
     # The FNN evaluation reseeds, so its test set starts with the first training
-    # batch; the TFN evaluation continues the stream.
+    # batch. The TFN evaluation continues the stream from where the method left it.
     if config.exp == "fnn":
         torch.manual_seed(config.seed)
-    with torch.no_grad():
-        test_loss = mse(model, target, sample_inputs(config, config.n_test).to(device)).item()
+    test_loss = evaluate(model, target, sample_inputs(config, config.n_test).to(device))
     echo(f"Test loss: {test_loss:.4f}")
 
     return RunResult(
@@ -127,6 +126,9 @@ def _construct(frozen, target, config, singular_values, device):
         model = copy.deepcopy(frozen).cpu()
         construct_fnn(model, target.cpu(), config, singular_values)
     else:
+        # The TFN construction draws nothing after this seed, so its test set
+        # starts right after it.
+        torch.manual_seed(config.seed)
         model = copy.deepcopy(frozen).cpu()
         construct_tfn(model, target.cpu(), config, singular_values)
     target.to(device)

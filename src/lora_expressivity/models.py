@@ -92,17 +92,20 @@ class TFNBlock(nn.Module):
         return [merged(w, self.attention_adapters[4 * head + i]) for i, w in enumerate(own)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The order of operations matches the reference: keys before queries, Wo
-        # applied after the attention, token-wise layers on the transposed input and
-        # the W2 adapter added separately. Transformer runs are sensitive to float32
-        # round-off, and this order reproduces the reference's numbers.
+        # The order of operations matches the reference: keys, queries, then values,
+        # Wo applied after the attention, token-wise layers on the transposed input
+        # and the W2 adapter added separately. Transformer runs are sensitive to
+        # float32 round-off, and this order reproduces the reference's numbers. The
+        # creation order matters too: at depth 2, autograd sums the gradients of
+        # the second block's input in the reverse order of the products that use it.
         out = 0
         for head in range(self.n_head):
             Wq, Wk, Wv, Wo = self.head_weights(head)
             keys = Wk @ x
             queries = Wq @ x
+            values = Wv @ x
             attention = torch.softmax(keys.transpose(1, 2) @ queries, dim=1)
-            out = out + Wo @ ((Wv @ x) @ attention)
+            out = out + Wo @ (values @ attention)
         tokens = out.transpose(1, 2)
         hidden = F.relu(self.W1(tokens))
         tokens = self.W2(hidden)
