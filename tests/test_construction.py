@@ -23,8 +23,8 @@ def float64_construction_loss(config: RunConfig) -> float:
     target.double()
     frozen.double()
     model = copy.deepcopy(frozen)
+    torch.manual_seed(config.seed)
     if config.exp == "fnn":
-        torch.manual_seed(config.seed)
         construct_fnn(model, target, config, [])
         x = torch.randn(config.n_test, config.width)
     else:

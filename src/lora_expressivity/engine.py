@@ -88,6 +88,9 @@ def run_batch(configs: list[RunConfig], device: str | None = None, *,
             results[index] = run(config, pretrain_frozen=pretraining.pretrain_frozen)
         else:
             key = tuple(getattr(config, name) for name in GROUP_FIELDS) + (str(resolve_device(config.device)),)
+            if config.exp == "tfn":
+                # StackedTFN rounds a member as run() does only without zero padding.
+                key += (config.rank,)
             groups.setdefault(key, []).append(index)
 
     for indices in groups.values():

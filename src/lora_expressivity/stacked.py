@@ -8,13 +8,14 @@ same inner dimension, the bias added where F.linear adds it. Its hand-written ba
 pass mirrors autograd's in the same way. The matrix kernels then round each member as
 a single run does. On the project's test machine (2-core CPU, PyTorch 2.13 with MKL)
 its members match run() exactly or to about 1e-7 relative, and tests/test_engine.py
-checks 1e-4. StackedTFN regroups the transformer's products for speed (see its
-docstring), which changes the rounding but not the function.
+checks 1e-4. StackedTFN does the same for the transformer with autograd and two
+custom backward functions; there the members match run() bit for bit.
 
 Adapters of different ranks share one tensor: the factors A and B are zero-padded to
 the largest rank of the batch. A padded column contributes exactly zero to A Bᵀ, and
 its gradient (G B for A, Gᵀ A for B, both zero there) stays zero, so padding changes
-no member's result.
+no member's function. The engine still gives each transformer rank its own stacked
+model, because the kernels round a padded product differently (see StackedTFN).
 
 The transformer works on token rows. A batch of inputs of shape (batch, width,
 seq_length) becomes, for each member, a matrix of batch * seq_length rows of width
@@ -190,7 +191,7 @@ class StackedFNN:
 
 
 class StackedTFN:
-    """K transformers of equal width, depth, heads and sequence length, with adapters.
+    """K transformers of equal width, depth, heads, sequence length and adapter rank.
 
     Each block has attention weights [K, 4H, width, width] with (Wq, Wk, Wv, Wo) of
     head 0, then of head 1, and so on, which is also the order of the attention
@@ -198,18 +199,16 @@ class StackedTFN:
     and in the last block the W2 adapter. The output weight and the output adapter
     follow the blocks.
 
-    The forward pass regroups the products of TFNBlock.forward to use fewer large
-    matrix products, which is the same function but rounds differently:
-    - scores: (Wk x)ᵀ (Wq x) = xᵀ (Wkᵀ Wq) x, one projection per head instead of two;
-    - W1 (sum over heads of Wo (Wv x) attention) = sum over heads of
-      (W1 Wo Wv x) attention, so Wv, Wo and W1 merge into one matrix per head;
-    - in the last block, Wout (W2 h + b2) = (Wout W2) h + Wout b2, with the adapters
-      merged into W2 and Wout first.
+    The forward pass repeats TFNBlock.forward product for product, with each
+    member's operands laid out in memory as torch.matmul lays them out for a single
+    run, and the backward pass makes the products autograd makes for torch.mm (see
+    RowLinear). Training amplifies any change of rounding: at depth 2, swapping the
+    order in which one run adds two gradients moves its test loss by 0.5% within
+    100 steps. Mirroring the products is what makes members match run().
 
-    NOTE: the regrouping makes members drift from run() as training proceeds. Against
-    the reference cases, depth-1 members matched to about 1e-7 after 50 steps and
-    3e-4 after 800; depth-2 members, whose training amplifies any rounding change,
-    differed by 0.1% to 1% after 100 steps.
+    Members must share the adapter rank. Zero padding gives the same function, but
+    the matrix kernels round a product with 5 or 7 columns differently from the
+    same product padded to 8.
     """
 
     def __init__(self, models: list[TFN], seq_length: int, device):
@@ -280,76 +279,92 @@ class StackedTFN:
 
     def forward(self, rows: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
         """Compute the output token rows [k, n * seq_length, width] of the selected members."""
-        last = len(self.blocks) - 1
-        seq_length = self.seq_length
-        for index, block in enumerate(self.blocks):
-            hidden = self._attention_and_w1(block, rows, seq_length, members)
-            W2 = _merged(block["W2"], block["W2_A"], block["W2_B"], members)
-            if index < last:
-                rows = torch.baddbmm(block["b2"][members], hidden, W2.transpose(1, 2))
-        output = _merged(self.output, self.output_A, self.output_B, members)
-        # The last block's W2 and the output layer as one product:
-        # Wout (W2 h + b2) = h (Wout W2)ᵀ + b2 Woutᵀ.
-        weight = torch.bmm(W2.transpose(1, 2), output.transpose(1, 2))
-        bias = torch.bmm(block["b2"][members], output.transpose(1, 2))
-        return torch.baddbmm(bias, hidden, weight)
+        for block in self.blocks:
+            hidden = self._attention_and_w1(block, rows, members)
+            rows = torch.baddbmm(block["b2"][members], hidden, block["W2"][members].transpose(1, 2))
+            if block["W2_A"] is not None:
+                delta = AdapterDelta.apply(block["W2_A"][members], block["W2_B"][members])
+                rows = rows + RowLinear.apply(hidden, delta)
+        out = RowLinear.apply(rows, self.output[members])
+        if self.output_A is not None:
+            out = out + RowLinear.apply(rows, AdapterDelta.apply(self.output_A[members], self.output_B[members]))
+        return out
 
-    def _attention_and_w1(self, block: dict, rows: torch.Tensor, seq_length: int,
-                          members: slice) -> torch.Tensor:
+    def _attention_and_w1(self, block: dict, rows: torch.Tensor, members: slice) -> torch.Tensor:
         """Compute ReLU(W1 (sum of the heads' outputs) + b1) as token rows."""
         members_count, row_count, width = rows.shape
         weights = block["attention"][members]
         if block["attention_A"] is not None:
             A = block["attention_A"][members].flatten(0, 1)
             B = block["attention_B"][members].flatten(0, 1)
-            weights = weights + adapter_delta(A, B).view(weights.shape)
-        weights = weights.view(members_count, self.n_head, 4, width, width)
-        Wq, Wk, Wv, Wo = weights.unbind(2)
-        # Per head: Wkᵀ Wq for the scores and (W1 Wo Wv)ᵀ for the values.
-        score_weights = torch.matmul(Wk.transpose(-2, -1), Wq)
-        W1 = block["W1"][members].unsqueeze(1)
-        value_weights = torch.matmul(Wv.transpose(-2, -1), torch.matmul(Wo.transpose(-2, -1), W1.transpose(-2, -1)))
+            weights = weights + AdapterDelta.apply(A, B).view(weights.shape)
 
-        tokens = rows.reshape(-1, seq_length, width)
-        pre_activation = block["b1"][members]
+        def columns(token_rows):
+            # matmul(W, x) of a single run returns (batch, width, seq_length) contiguous.
+            return token_rows.view(-1, self.seq_length, width).transpose(1, 2).contiguous()
+
+        out = None
         for head in range(self.n_head):
-            projected = torch.bmm(rows, score_weights[:, head]).view(-1, seq_length, width)
-            values = torch.bmm(rows, value_weights[:, head]).view(-1, seq_length, width)
-            # scores[i, j] = key i . query j, and the softmax runs over the keys (dim 1),
-            # as in TFNBlock.forward.
-            scores = torch.bmm(projected, tokens.transpose(1, 2))
-            attention = KeySoftmax.apply(scores)
-            mixed = torch.bmm(attention.transpose(1, 2), values).view(members_count, row_count, width)
-            pre_activation = mixed + pre_activation
-        return F.relu(pre_activation)
+            Wq, Wk, Wv, Wo = weights[:, 4 * head: 4 * head + 4].unbind(1)
+            keys = columns(RowLinear.apply(rows, Wk))
+            queries = columns(RowLinear.apply(rows, Wq))
+            values = columns(RowLinear.apply(rows, Wv))
+            attention = torch.softmax(torch.bmm(keys.transpose(1, 2), queries), dim=1)
+            mixed = torch.bmm(values, attention).transpose(1, 2).reshape(members_count, row_count, width)
+            head_out = columns(RowLinear.apply(mixed, Wo))
+            out = head_out if out is None else out + head_out
+
+        tokens = out.transpose(1, 2).reshape(members_count, row_count, width)
+        # F.linear adds the bias after the product when its input is not contiguous.
+        return F.relu(RowLinear.apply(tokens, block["W1"][members]) + block["b1"][members])
 
 
-class KeySoftmax(torch.autograd.Function):
-    """Softmax over dim 1 that keeps exp() out of its slow underflow range.
+# torch.bmm computes a product with fewer than this many multiply-adds per member
+# with its own loop, which rounds differently from the BLAS kernel behind torch.mm.
+BMM_SMALL_PRODUCT = 400
 
-    Attention scores of these transformers reach hundreds, so most exp(s - max) would
-    underflow to zero or to subnormal numbers, which PyTorch's CPU exp computes several
-    times slower than normal ones. Clamping s - max at -87 keeps every exp() at or above
-    1.6e-38, just above the smallest normal float32. Each attention weight then moves
-    by at most 1.6e-38 divided by the sum over the keys (which is at least 1), far
-    below the rounding of any weight that matters.
+
+def mm_per_member(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm(a, b), rounded for every member as torch.mm rounds it."""
+    if a.shape[1] * a.shape[2] * b.shape[2] < BMM_SMALL_PRODUCT:
+        return torch.stack([torch.mm(x, y) for x, y in zip(a, b)])
+    return torch.bmm(a, b)
+
+
+class AdapterDelta(torch.autograd.Function):
+    """A Bᵀ per member, with the gradients autograd computes for torch.mm(A, B.T).
+
+    torch.mm's backward picks its products by the layout of its operands: for the
+    transposed operand Bᵀ it computes the gradient of B as Gᵀ A, not as (Aᵀ G)ᵀ as
+    torch.bmm's backward does. The two round differently.
     """
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        weights = (scores - scores.amax(1, keepdim=True)).clamp_(min=-87.0).exp_()
-        weights = weights.div_(weights.sum(1, keepdim=True))
-        ctx.save_for_backward(weights)
-        return weights
+    def forward(ctx, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(A, B)
+        return mm_per_member(A, B.transpose(1, 2))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (weights,) = ctx.saved_tensors
-        return weights * (grad - (grad * weights).sum(1, keepdim=True))
+    def backward(ctx, grad: torch.Tensor):
+        A, B = ctx.saved_tensors
+        return mm_per_member(grad, B), mm_per_member(grad.transpose(1, 2), A)
 
 
-def _merged(weight: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None, members: slice) -> torch.Tensor:
-    weight = weight[members]
-    if A is None:
-        return weight
-    return weight + adapter_delta(A[members], B[members])
+class RowLinear(torch.autograd.Function):
+    """x Wᵀ per member for token rows x [K, n, width], as a single run's matmul computes it.
+
+    torch.matmul(W, x) with a weight that requires grad folds the batch into one
+    torch.mm(rows, W.T); its backward computes G W for the rows and Gᵀ rows for W.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
