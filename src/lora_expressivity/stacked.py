@@ -303,7 +303,7 @@ class StackedTFN:
             # matmul(W, x) of a single run returns (batch, width, seq_length) contiguous.
             return token_rows.view(-1, self.seq_length, width).transpose(1, 2).contiguous()
 
-        out = None
+        tokens = None
         for head in range(self.n_head):
             Wq, Wk, Wv, Wo = weights[:, 4 * head: 4 * head + 4].unbind(1)
             keys = columns(RowLinear.apply(rows, Wk))
@@ -311,10 +311,11 @@ class StackedTFN:
             values = columns(RowLinear.apply(rows, Wv))
             attention = torch.softmax(torch.bmm(keys.transpose(1, 2), queries), dim=1)
             mixed = torch.bmm(values, attention).transpose(1, 2).reshape(members_count, row_count, width)
-            head_out = columns(RowLinear.apply(mixed, Wo))
-            out = head_out if out is None else out + head_out
+            # The layout of a head's output changes no rounding, because the next
+            # step adds the heads elementwise, so it stays in token rows.
+            head_out = RowLinear.apply(mixed, Wo)
+            tokens = head_out if tokens is None else tokens + head_out
 
-        tokens = out.transpose(1, 2).reshape(members_count, row_count, width)
         # F.linear adds the bias after the product when its input is not contiguous.
         return F.relu(RowLinear.apply(tokens, block["W1"][members]) + block["b1"][members])
 
