@@ -248,8 +248,8 @@ def flushed_subnormals(enabled: bool):
     """Flush subnormal float32 results to zero on this thread while the block runs.
 
     Saturated attention makes subnormal weights and gradients, and x86 CPUs compute
-    with those many times more slowly; a transformer step took 40 ms instead of 31
-    ms (12 members). A subnormal is below 1.2e-38, so it changes no sum of normal
+    with those many times more slowly. A transformer step of 12 members took 40 ms
+    instead of 31 ms. A subnormal is below 1.2e-38, so it changes no sum of normal
     magnitude. On the test machine the transformer members, trained with flushing,
     still matched unflushed single runs bit for bit (tests/test_engine.py).
     """

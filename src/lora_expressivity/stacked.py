@@ -202,9 +202,9 @@ class StackedTFN:
     The forward pass repeats TFNBlock.forward product for product, with each
     member's operands laid out in memory as torch.matmul lays them out for a single
     run, and the backward pass makes the products autograd makes for torch.mm (see
-    RowLinear). Training amplifies any change of rounding: at depth 2, swapping the
-    order in which one run adds two gradients moves its test loss by 0.5% within
-    100 steps. Mirroring the products is what makes members match run().
+    RowLinear). Mirroring the products is what makes members match run(), because
+    training amplifies any change of rounding. At depth 2, swapping the order in
+    which one run adds two gradients moved its test loss by 0.5% within 100 steps.
 
     Members must share the adapter rank. Zero padding gives the same function, but
     the matrix kernels round a product with 5 or 7 columns differently from the
@@ -355,7 +355,8 @@ class RowLinear(torch.autograd.Function):
     """x Wᵀ per member for token rows x [K, n, width], as a single run's matmul computes it.
 
     torch.matmul(W, x) with a weight that requires grad folds the batch into one
-    torch.mm(rows, W.T); its backward computes G W for the rows and Gᵀ rows for W.
+    torch.mm(rows, W.T). The backward of that product computes G W for the rows and
+    Gᵀ rows for W.
     """
 
     @staticmethod
