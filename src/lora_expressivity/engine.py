@@ -146,8 +146,8 @@ class PretrainingEntry:
     pretrained: dict[str, torch.Tensor]
     stopped_at: int
     val_loss: float
-    # Global generator state right after pretraining: the transformer's evaluation
-    # continues that stream instead of reseeding.
+    # Global generator state right after pretraining. A cache hit restores it, so that
+    # it leaves the generator as training.pretrain would (run() relies on that).
     rng_state: torch.Tensor
 
 
