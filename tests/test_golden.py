@@ -42,8 +42,8 @@ def check_metrics(case, metrics: dict, warnings: str):
         assert metrics["pretraining_stopped_at_epoch"] == expected["pretraining_stopped_at_epoch"]
     if "singular_values" in expected:
         assert len(metrics["singular_values"]) == len(expected["singular_values"])
-        for actual, wanted in zip(metrics["singular_values"], expected["singular_values"]):
-            assert actual == pytest.approx(wanted, rel=tolerance["singular_values_rel"])
+        for actual, reference in zip(metrics["singular_values"], expected["singular_values"]):
+            assert actual == pytest.approx(reference, rel=tolerance["singular_values_rel"])
     if expected.get("printed_warning"):
         assert "misses its target" in warnings
 

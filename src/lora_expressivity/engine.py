@@ -251,7 +251,8 @@ def flushed_subnormals(enabled: bool):
     with those many times more slowly. A transformer step of 12 members took 40 ms
     instead of 31 ms. A subnormal is below 1.2e-38, so it changes no sum of normal
     magnitude. On the test machine the transformer members, trained with flushing,
-    still matched unflushed single runs bit for bit (tests/test_engine.py).
+    still matched unflushed single runs bit for bit (tests/test_engine.py). PyTorch
+    offers no way to read the flag, so the block ends with flushing off, the default.
     """
     if not enabled:
         yield
@@ -299,7 +300,7 @@ def train_group(configs: list[RunConfig], pretraining: PretrainingCache) -> list
     with flushed_subnormals(first.exp == "tfn" and device.type == "cpu"):
         final_losses, val_losses = train_members(model, optimizer, streams, first.n_epochs, first.batch_size)
 
-        # The FNN evaluation reseeds; the TFN test set continues each seed's stream.
+        # The FNN evaluation reseeds, and the TFN test set continues each seed's stream.
         if first.exp == "fnn":
             streams.restart()
         test_losses = evaluate_members(model.forward, streams, first.n_test, len(configs),

@@ -9,7 +9,7 @@ pass mirrors autograd's in the same way. The matrix kernels then round each memb
 a single run does. On the project's test machine (2-core CPU, PyTorch 2.13 with MKL)
 its members match run() exactly or to about 1e-7 relative, and tests/test_engine.py
 checks 1e-4. StackedTFN does the same for the transformer with autograd and two
-custom backward functions; there the members match run() bit for bit.
+custom backward functions, and its members match run() bit for bit.
 
 Adapters of different ranks share one tensor: the factors A and B are zero-padded to
 the largest rank of the batch. A padded column contributes exactly zero to A Bᵀ, and
@@ -316,7 +316,8 @@ class StackedTFN:
             head_out = RowLinear.apply(mixed, Wo)
             tokens = head_out if tokens is None else tokens + head_out
 
-        # F.linear adds the bias after the product when its input is not contiguous.
+        # A single run's W1 input is not contiguous, so F.linear adds the bias after
+        # the product instead of fusing it as baddbmm would.
         return F.relu(RowLinear.apply(tokens, block["W1"][members]) + block["b1"][members])
 
 

@@ -39,12 +39,12 @@ def mse(model, target, x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model, target, x: torch.Tensor) -> float:
-    """MSE of model against target on x, with autograd left on as the reference leaves it.
+    """Return the MSE of model against target on x, with autograd on as in the reference.
 
     torch.matmul chooses its kernel by whether the weights require grad, and under
     torch.no_grad a merged weight W + A Bᵀ does not. The kernels round differently,
-    and a depth-2 transformer amplifies that last-bit difference to about 1% of
-    its test loss.
+    and a depth-2 transformer amplified that last-bit difference to 0.5% of its test
+    loss in a golden case.
     """
     return mse(model, target, x).item()
 
