@@ -82,8 +82,11 @@ def engine_worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from lora_expressivity import stacked
     from lora_expressivity.config import RunConfig
     from lora_expressivity.engine import run_batch
+
+    stacked.USE_CLAMPED_SOFTMAX = not args.plain_softmax
 
     configs = [RunConfig(**settings) for settings in cell(args, args.steps)]
     run_batch(configs, max_members=args.members)
@@ -105,6 +108,8 @@ def time_engine(args, steps: int) -> Timing:
                "--target-depth", str(args.target_depth), "--frozen-depth", str(args.frozen_depth)]
     if args.members:
         command += ["--members", str(args.members)]
+    if args.plain_softmax:
+        command.append("--plain-softmax")
     wall, cpu, peak, _ = run_measured(command)
     return Timing(wall, cpu, peak)
 
@@ -159,6 +164,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, default=4, help="single runs to time, spread over the cell (default: 4)")
     parser.add_argument("--engine-only", action="store_true",
                         help="time only the engine (for comparing --members values)")
+    parser.add_argument("--plain-softmax", action="store_true",
+                        help="train transformers with torch.softmax instead of the clamped softmax "
+                             "(same results; for timing the clamping)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -181,6 +189,9 @@ def main(argv=None) -> int:
               else f"target depth {args.target_depth}, frozen depth {args.frozen_depth}")
     print(f"{args.exp} cell ({depths}): {runs} runs of {steps} steps, members per model: "
           f"{args.members or 'default'}; one thread; load average before: {os.getloadavg()[0]:.2f}")
+    if args.exp == "tfn":
+        print("engine softmax: " + ("torch.softmax (--plain-softmax)" if args.plain_softmax
+                                    else "clamped where exact (StackedTFN.choose_softmax)"))
 
     engine = time_engine(args, steps)
     engine_one = time_engine(args, 1)

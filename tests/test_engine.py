@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from lora_expressivity import ConfigError, RunConfig, run
 from lora_expressivity import engine
 from lora_expressivity.batched import StackedAdam
-from lora_expressivity.engine import Member, PretrainingCache, prepare_member, run_batch
-from lora_expressivity.stacked import StackedFNN, StackedTFN
+from lora_expressivity.engine import Member, PretrainingCache, flushed_subnormals, prepare_member, run_batch
+from lora_expressivity.stacked import ClampedSoftmax, StackedFNN, StackedTFN, clamped_softmax_is_exact
 from lora_expressivity.training import pretrain, tuned_parameters
 
 # Relative tolerance of a gradient run against run(). On the project's test machine
@@ -204,6 +204,61 @@ def test_fnn_padded_columns_get_zero_gradients():
     for A, B in zip(model.A, model.B):
         assert torch.count_nonzero(A[0, :, 1:]) == 0
         assert torch.count_nonzero(B[0, :, 1:]) == 0
+
+
+def _saturated_scores(seq_length: int) -> torch.Tensor:
+    # Scores spread over hundreds, as in saturated attention, so many lie more than
+    # 87.75 below their column's maximum and some close to that distance.
+    generator = torch.Generator().manual_seed(7)
+    scores = 80 * torch.randn(512, seq_length, seq_length, generator=generator)
+    scores[0, :, 0] = torch.linspace(-95.0, 0.0, seq_length)
+    return scores
+
+
+def _softmax_and_gradient(function, scores: torch.Tensor, grad: torch.Tensor):
+    scores = scores.clone().requires_grad_(True)
+    attention = function(scores)
+    attention.backward(grad)
+    return attention.detach(), scores.grad
+
+
+@pytest.mark.parametrize("seq_length", [3, 10, 16])
+def test_clamped_softmax_keeps_bits_when_flushed(seq_length):
+    scores = _saturated_scores(seq_length)
+    grad = torch.randn(scores.shape, generator=torch.Generator().manual_seed(8))
+    with flushed_subnormals(True):
+        assert clamped_softmax_is_exact(seq_length)
+        clamped, clamped_grad = _softmax_and_gradient(ClampedSoftmax.apply, scores, grad)
+        plain, plain_grad = _softmax_and_gradient(lambda x: torch.softmax(x, dim=1), scores, grad)
+    assert torch.count_nonzero(clamped == 0) > 0
+    assert torch.equal(clamped, plain)
+    assert torch.equal(clamped_grad, plain_grad)
+
+
+def test_clamped_softmax_rejected_without_flushing():
+    # Unflushed, exp(-87.75) is a subnormal but exp of a score 200 below the maximum
+    # is 0, so clamping would change the attention.
+    assert not clamped_softmax_is_exact(10)
+
+
+def test_clamped_softmax_skips_huge_scores():
+    # Near 2e8 float32 values are 16 apart, so maximum - 87.75 rounds to maximum - 80,
+    # where exp is normal. ClampedSoftmax must then leave the scores as they are.
+    scores = _saturated_scores(10) + 2e8
+    with flushed_subnormals(True):
+        clamped = ClampedSoftmax.apply(scores)
+        plain = torch.softmax(scores, dim=1)
+    assert torch.equal(clamped, plain)
+
+
+def test_tfn_softmax_choice_follows_flushing_and_threads():
+    member = prepare_member(tfn(rank=2), "cpu", PretrainingCache())
+    model = StackedTFN([member.frozen], seq_length=10, device="cpu")
+    assert not model.choose_softmax()
+    with flushed_subnormals(True):
+        assert model.choose_softmax()
+        torch.set_num_threads(2)
+        assert not model.choose_softmax()
 
 
 def test_tfn_padded_columns_get_zero_gradients():

@@ -251,7 +251,8 @@ def flushed_subnormals(enabled: bool):
     with those many times more slowly. A transformer step of 12 members took 40 ms
     instead of 31 ms. A subnormal is below 1.2e-38, so it changes no sum of normal
     magnitude. On the test machine the transformer members, trained with flushing,
-    still matched unflushed single runs bit for bit (tests/test_engine.py). PyTorch
+    still matched unflushed single runs bit for bit (tests/test_engine.py), and the
+    faster ClampedSoftmax keeps torch.softmax's bits only while flushing is on. PyTorch
     offers no way to read the flag, so the block ends with flushing off, the default.
     """
     if not enabled:
@@ -298,6 +299,9 @@ def train_group(configs: list[RunConfig], pretraining: PretrainingCache) -> list
     optimizer = StackedAdam(params, [c.lr for c in configs], [c.weight_decay for c in configs], masks)
     streams = SeedStreams([c.seed for c in configs], targets, device, sample, to_rows)
     with flushed_subnormals(first.exp == "tfn" and device.type == "cpu"):
+        if first.exp == "tfn" and not model.choose_softmax():
+            log.info("using torch.softmax: clamping the attention scores would change its results "
+                     "with %d threads on %s", torch.get_num_threads(), device)
         final_losses, val_losses = train_members(model, optimizer, streams, first.n_epochs, first.batch_size)
 
         # The FNN evaluation reseeds, and the TFN test set continues each seed's stream.

@@ -209,6 +209,9 @@ class StackedTFN:
     Members must share the adapter rank. Zero padding gives the same function, but
     the matrix kernels round a product with 5 or 7 columns differently from the
     same product padded to 8.
+
+    The softmax is torch.softmax, or ClampedSoftmax where choose_softmax finds that
+    it gives the same bits.
     """
 
     def __init__(self, models: list[TFN], seq_length: int, device):
@@ -244,9 +247,23 @@ class StackedTFN:
                 stacked["W2_A"], stacked["W2_B"] = stack_adapters([b.W2_adapter for b in blocks], device)
             self.blocks.append(stacked)
         self.output = stack_tensors([m.output.weight for m in models], device)
+        # choose_softmax() turns this on where it keeps the bits of torch.softmax.
+        self.clamp_softmax = False
         self.output_A = self.output_B = None
         if first.output_adapter is not None:
             self.output_A, self.output_B = stack_adapters([m.output_adapter for m in models], device)
+
+    def choose_softmax(self) -> bool:
+        """Use ClampedSoftmax if it gives torch.softmax's bits on this device now; returns the choice.
+
+        Call it inside the block that flushes subnormals: without flushing, clamping
+        changes the attention and the check fails. Only one thread qualifies, because
+        the worker threads of PyTorch's thread pool keep the floating-point state that
+        they started with, so flushing set on this thread need not reach them.
+        """
+        self.clamp_softmax = (USE_CLAMPED_SOFTMAX and self.output.device.type == "cpu"
+                              and torch.get_num_threads() == 1 and clamped_softmax_is_exact(self.seq_length))
+        return self.clamp_softmax
 
     def trained(self) -> list[tuple[str, int, torch.Tensor]]:
         """(name, block, tensor) of every adapter factor; the output adapter has block -1."""
@@ -309,7 +326,11 @@ class StackedTFN:
             keys = columns(RowLinear.apply(rows, Wk))
             queries = columns(RowLinear.apply(rows, Wq))
             values = columns(RowLinear.apply(rows, Wv))
-            attention = torch.softmax(torch.bmm(keys.transpose(1, 2), queries), dim=1)
+            scores = torch.bmm(keys.transpose(1, 2), queries)
+            if self.clamp_softmax:
+                attention = ClampedSoftmax.apply(scores)
+            else:
+                attention = torch.softmax(scores, dim=1)
             mixed = torch.bmm(values, attention).transpose(1, 2).reshape(members_count, row_count, width)
             # The layout of a head's output changes no rounding, because the next
             # step adds the heads elementwise, so it stays in token rows.
@@ -371,3 +392,65 @@ class RowLinear(torch.autograd.Function):
         grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
         grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight
+
+
+# exp(x) in float32 is below the smallest normal float, 2^-126, for every x < -87.34.
+# A score clamped to 87.75 below its column's maximum therefore still gives exp = 0
+# once subnormals are flushed. It also stays above -88, below which exp arguments made
+# PyTorch's CPU softmax about twice as slow on the test machine.
+CLAMP_DISTANCE = 87.75
+FLUSHED_EXPONENT = -87.4
+
+# False makes StackedTFN.choose_softmax always pick torch.softmax, for timing
+# comparisons (benchmarks/bench_engine.py --plain-softmax).
+USE_CLAMPED_SOFTMAX = True
+
+
+class ClampedSoftmax(torch.autograd.Function):
+    """torch.softmax(scores, dim=1) with every score clamped to at least its column's maximum - 87.75.
+
+    While subnormals are flushed, every clamped score gives exp = 0 both before and
+    after clamping, so the attention keeps its bits. Saturated attention scores made
+    PyTorch's CPU softmax over [3072, 10, 10] scores take 2.3 to 2.7 ms instead of
+    1.1 ms (PyTorch 2.13, glibc x86-64), which clamping avoids. Whether the bits hold
+    depends on the exp of the softmax kernel, so clamped_softmax_is_exact checks it
+    before the engine uses this class. The backward pass is autograd's for
+    torch.softmax, which reads only the output.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.amax(1, keepdim=True)
+        floor = top - CLAMP_DISTANCE
+        # From a column maximum of about 1e8 on, float32 values are 8 or more apart and
+        # the rounded floor may lie too close to the maximum. A NaN or infinite
+        # maximum fails this test too, and the scores then stay as they are.
+        if bool(((floor - top) < FLUSHED_EXPONENT).all()):
+            scores = torch.maximum(scores, floor)
+        attention = torch.softmax(scores, dim=1)
+        ctx.save_for_backward(attention)
+        return attention
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        attention, = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, attention, 1, attention.dtype)
+
+
+def clamped_softmax_is_exact(seq_length: int) -> bool:
+    """Check that ClampedSoftmax gives torch.softmax's bits and gradients on CPU in the current state.
+
+    The scores spread over several hundred, so that columns mix unsaturated scores,
+    scores near the flushing threshold and scores whose exp underflows.
+    """
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(256, seq_length, seq_length, generator=generator) * 60
+    grad = torch.randn(scores.shape, generator=generator)
+    with torch.enable_grad():
+        clamped_input = scores.clone().requires_grad_(True)
+        plain_input = scores.clone().requires_grad_(True)
+        clamped = ClampedSoftmax.apply(clamped_input)
+        plain = torch.softmax(plain_input, dim=1)
+        clamped.backward(grad)
+        plain.backward(grad)
+    return torch.equal(clamped, plain) and torch.equal(clamped_input.grad, plain_input.grad)
