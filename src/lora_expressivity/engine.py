@@ -300,8 +300,9 @@ def train_group(configs: list[RunConfig], pretraining: PretrainingCache) -> list
     streams = SeedStreams([c.seed for c in configs], targets, device, sample, to_rows)
     with flushed_subnormals(first.exp == "tfn" and device.type == "cpu"):
         if first.exp == "tfn" and not model.choose_softmax():
-            log.info("using torch.softmax: clamping the attention scores would change its results "
-                     "with %d threads on %s", torch.get_num_threads(), device)
+            log.info("attention uses torch.softmax: the faster clamped softmax needs a CPU, one thread "
+                     "and flushed subnormals to give the same results (here %d threads on %s)",
+                     torch.get_num_threads(), device)
         final_losses, val_losses = train_members(model, optimizer, streams, first.n_epochs, first.batch_size)
 
         # The FNN evaluation reseeds, and the TFN test set continues each seed's stream.

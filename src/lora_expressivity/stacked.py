@@ -256,8 +256,8 @@ class StackedTFN:
     def choose_softmax(self) -> bool:
         """Use ClampedSoftmax if it gives torch.softmax's bits on this device now; returns the choice.
 
-        Call it inside the block that flushes subnormals: without flushing, clamping
-        changes the attention and the check fails. Only one thread qualifies, because
+        Call it inside the block that flushes subnormals, because without flushing the
+        clamping changes the attention and the check fails. Only one thread qualifies, because
         the worker threads of PyTorch's thread pool keep the floating-point state that
         they started with, so flushing set on this thread need not reach them.
         """
@@ -407,7 +407,7 @@ USE_CLAMPED_SOFTMAX = True
 
 
 class ClampedSoftmax(torch.autograd.Function):
-    """torch.softmax(scores, dim=1) with every score clamped to at least its column's maximum - 87.75.
+    """Softmax over dim 1, as torch.softmax, of scores clamped to at least their column's maximum - 87.75.
 
     While subnormals are flushed, every clamped score gives exp = 0 both before and
     after clamping, so the attention keeps its bits. Saturated attention scores made
@@ -446,11 +446,14 @@ def clamped_softmax_is_exact(seq_length: int) -> bool:
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(256, seq_length, seq_length, generator=generator) * 60
     grad = torch.randn(scores.shape, generator=generator)
-    with torch.enable_grad():
-        clamped_input = scores.clone().requires_grad_(True)
-        plain_input = scores.clone().requires_grad_(True)
-        clamped = ClampedSoftmax.apply(clamped_input)
-        plain = torch.softmax(plain_input, dim=1)
-        clamped.backward(grad)
-        plain.backward(grad)
-    return torch.equal(clamped, plain) and torch.equal(clamped_input.grad, plain_input.grad)
+
+    def attention_and_gradient(softmax):
+        with torch.enable_grad():
+            inputs = scores.clone().requires_grad_(True)
+            attention = softmax(inputs)
+            attention.backward(grad)
+        return attention.detach(), inputs.grad
+
+    clamped, clamped_grad = attention_and_gradient(ClampedSoftmax.apply)
+    plain, plain_grad = attention_and_gradient(lambda inputs: torch.softmax(inputs, dim=1))
+    return torch.equal(clamped, plain) and torch.equal(clamped_grad, plain_grad)
